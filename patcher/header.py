@@ -1,0 +1,717 @@
+"""Pure safetensors header parsing, validation and serialization.
+
+The rules are those of the reference reader (huggingface/safetensors ``tensor.rs``, release 0.8):
+the accept/reject decision of :func:`parse_header` agrees with ``safetensors.safe_open``, and the
+tests check that differentially. Nothing here touches a file except :func:`read_header`, a thin
+wrapper that reads the length prefix and the header bytes, never the data region.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from .errors import HeaderError, MetadataError
+
+#: Size of the little-endian u64 that starts every file (``N_LEN`` in tensor.rs).
+PREFIX_SIZE = 8
+#: Largest header the reference reader accepts (``MAX_HEADER_SIZE`` in tensor.rs), in bytes.
+MAX_HEADER_LEN = 100_000_000
+#: The reference writer pads the header so the data region starts on this boundary.
+ALIGNMENT = 8
+#: The reserved top-level key holding the string-to-string metadata map.
+METADATA_KEY = "__metadata__"
+#: Fields of a tensor entry the reference reader deserializes; others are ignored (and kept by us).
+TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+#: serde_json's default nesting limit: a 129th nested array/object is rejected.
+MAX_JSON_DEPTH = 128
+#: JSON's whitespace: the only bytes allowed around the top-level object (RFC 8259).
+JSON_WHITESPACE = " \t\n\r"
+
+_U64_MAX = 2**64 - 1
+
+#: Bits per element of every dtype the reference reader knows (case-sensitive names, tensor.rs ``Dtype``).
+DTYPE_BITS: Mapping[str, int] = MappingProxyType(
+    {
+        "BOOL": 8,
+        "F4": 4,
+        "F6_E2M3": 6,
+        "F6_E3M2": 6,
+        "U8": 8,
+        "I8": 8,
+        "F8_E5M2": 8,
+        "F8_E4M3": 8,
+        "F8_E8M0": 8,
+        "F8_E4M3FNUZ": 8,
+        "F8_E5M2FNUZ": 8,
+        "I16": 16,
+        "U16": 16,
+        "F16": 16,
+        "BF16": 16,
+        "I32": 32,
+        "U32": 32,
+        "F32": 32,
+        "C64": 64,
+        "F64": 64,
+        "I64": 64,
+        "U64": 64,
+    }
+)
+
+
+class TensorInfo(NamedTuple):
+    """One tensor entry: dtype, shape and byte range relative to the data region (immutable)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+    #: Entry fields the reader ignores, kept in their original order so a rewrite preserves them.
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Return the length of the tensor's bytes in the data region."""
+        return self.data_offsets[1] - self.data_offsets[0]
+
+    @property
+    def numel(self) -> int:
+        """Return the number of elements."""
+        return math.prod(self.shape)
+
+    def to_json_obj(self) -> dict[str, Any]:
+        """Return the entry as it is serialized: known fields first, then the extras."""
+        obj: dict[str, Any] = {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "data_offsets": list(self.data_offsets),
+        }
+        obj.update(self.extra)
+        return obj
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header (a value: no file handle inside)."""
+
+    #: Tensor entries in the header's own order (the last of duplicate names wins, as in the reader).
+    tensors: Mapping[str, TensorInfo]
+    #: The ``__metadata__`` map, or ``None`` when the key is absent or null.
+    metadata: Mapping[str, str] | None
+    #: N, the length of the JSON header in bytes (padding included).
+    header_len: int
+    #: Length of the data region (the largest end offset).
+    data_len: int
+    #: The N header bytes exactly as read.
+    raw: bytes = field(repr=False)
+    #: Number of trailing JSON whitespace bytes after the object (free room for a larger header).
+    padding: int = 0
+    #: Number of leading whitespace bytes before the object (accepted by the reader, not by A1111/Forge).
+    leading_whitespace: int = 0
+    #: Names that appear more than once (the reader keeps the last one; so do we).
+    duplicate_keys: tuple[str, ...] = ()
+    #: Whether the header had a ``__metadata__`` key at all (it may be null).
+    has_metadata_key: bool = False
+    #: Where the top-level object starts the ``__metadata__`` entry, if present: first or not.
+    metadata_first: bool = True
+
+    @property
+    def data_start(self) -> int:
+        """Return the file offset of the data region."""
+        return PREFIX_SIZE + self.header_len
+
+    @property
+    def file_size(self) -> int:
+        """Return the exact size a valid file with this header has."""
+        return self.data_start + self.data_len
+
+    @property
+    def aligned(self) -> bool:
+        """Return whether the data region starts on an 8-byte boundary."""
+        return self.data_start % ALIGNMENT == 0
+
+    @property
+    def json_len(self) -> int:
+        """Return the length of the JSON object itself, without surrounding whitespace."""
+        return self.header_len - self.padding - self.leading_whitespace
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Return what is accepted by the reference reader but risky for other readers."""
+        notes: list[str] = []
+        if self.leading_whitespace:
+            notes.append(
+                f"header starts with {self.leading_whitespace} whitespace byte(s); "
+                'A1111/Forge require it to start with {"'
+            )
+        if not self.aligned:
+            notes.append(f"data region starts at offset {self.data_start}, not a multiple of {ALIGNMENT}")
+        if self.duplicate_keys:
+            names = ", ".join(repr(k) for k in self.duplicate_keys[:3])
+            notes.append(f"duplicate tensor name(s) {names}: the last entry wins")
+        if self.has_metadata_key and self.metadata is None:
+            notes.append("__metadata__ is null")
+        return tuple(notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+class _Reject(Exception):
+    """Internal: raised inside JSON hooks, turned into a HeaderError with the source attached."""
+
+    def __init__(self, code: str, message: str, expected: object = None, got: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.expected = expected
+        self.got = got
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    # serde_json rejects "\ud800" style escapes that do not form a pair; Python's json accepts them.
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Reject("invalid-json", f"number {text[:40]} is out of range")
+    return value
+
+
+def _parse_int(text: str) -> int | float:
+    if text == "-0":
+        # serde_json turns -0 into a float, so it is no valid size or offset.
+        return -0.0
+    return int(text)
+
+
+def _int_out_of_range(value: Any) -> bool:
+    # serde_json reads integers past 64 bits as f64 and rejects those past f64's range.
+    return type(value) is int and abs(value) > _U64_MAX and math.isinf(float(str(value)))
+
+
+def _reject_constant(text: str) -> Any:
+    raise _Reject("invalid-json", f"{text} is not valid JSON")
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> _Pairs:
+    return _Pairs(pairs)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its list of pairs, so duplicates stay visible to the validator."""
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, _Pairs):
+        return 1 + max((_depth(v) for _, v in value), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _numbers_ok(value: Any) -> bool:
+    if isinstance(value, _Pairs):
+        return all(_numbers_ok(v) for _, v in value)
+    if isinstance(value, list):
+        return all(_numbers_ok(v) for v in value)
+    return not _int_out_of_range(value)
+
+
+def _strings_ok(value: Any) -> bool:
+    if isinstance(value, str):
+        return not _has_lone_surrogate(value)
+    if isinstance(value, _Pairs):
+        return all(not _has_lone_surrogate(k) and _strings_ok(v) for k, v in value)
+    if isinstance(value, list):
+        return all(_strings_ok(v) for v in value)
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """Turn parsed pairs back into ordinary dicts (last duplicate wins)."""
+    if isinstance(value, _Pairs):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, _Pairs):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return type(value).__name__
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_hook,
+    parse_float=_parse_float,
+    parse_int=_parse_int,
+    parse_constant=_reject_constant,
+)
+#: Without the integer hook: used when the text has no negative and no 20-digit number (the common case).
+_FAST_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_hook,
+    parse_float=_parse_float,
+    parse_constant=_reject_constant,
+)
+# Lone surrogates can only come from \uD8xx-\uDFxx escapes (strict UTF-8 decoding rejects encoded ones),
+# so a header without such an escape needs no per-character scan.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def parse_length_prefix(prefix: bytes, file_size: int | None, *, source: str = "<bytes>") -> int:
+    """Check the 8-byte length prefix against the limits and the file size; return N."""
+    if len(prefix) < PREFIX_SIZE:
+        raise HeaderError(
+            "file too small to be safetensors",
+            path=source,
+            code="too-small",
+            expected=f"at least {PREFIX_SIZE} bytes",
+            got=f"{len(prefix)} bytes",
+        )
+    (n,) = struct.unpack("<Q", prefix[:PREFIX_SIZE])
+    if n > MAX_HEADER_LEN:
+        raise HeaderError(
+            "header length prefix is too large",
+            path=source,
+            code="header-too-large",
+            expected=f"at most {MAX_HEADER_LEN:,} bytes",
+            got=f"{n:,}",
+            hint="this is probably not a safetensors file",
+        )
+    if file_size is not None and PREFIX_SIZE + n > file_size:
+        raise HeaderError(
+            "header length prefix points past the end of the file",
+            path=source,
+            code="header-past-eof",
+            expected=f"8 + N <= {file_size:,} (file size)",
+            got=f"N = {n:,}",
+            hint="the file is truncated or not safetensors",
+        )
+    return int(n)
+
+
+def parse_header(raw: bytes, file_size: int | None = None, *, source: str = "<bytes>") -> Header:
+    """Parse and validate the N header bytes ``raw``; ``file_size`` (if known) must match exactly."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(
+            f"header is not valid UTF-8 at byte {exc.start}",
+            path=source,
+            code="invalid-utf8",
+            hint="the file is corrupt or not safetensors",
+        ) from exc
+    if text.startswith("\ufeff"):
+        raise HeaderError(
+            "header starts with a UTF-8 byte order mark",
+            path=source,
+            code="bom",
+            expected='"{"',
+            got="EF BB BF",
+        )
+    stripped = text.lstrip(JSON_WHITESPACE)
+    leading = len(text) - len(stripped)
+    if not stripped.startswith("{"):
+        if not stripped:
+            raise HeaderError("header is empty or blank", path=source, code="invalid-json")
+        if stripped[0] in "[\"-0123456789tfn":
+            raise HeaderError(
+                "header is not a JSON object",
+                path=source,
+                code="not-object",
+                expected="an object",
+                got=repr(stripped[:20]),
+            )
+        raise HeaderError(
+            "header is not JSON", path=source, code="invalid-json", got=repr(stripped[:20])
+        )
+    # Only "-0" needs the integer hook (serde_json reads it as a float): skip the hook when absent.
+    decoder = _DECODER if "-0" in text else _FAST_DECODER
+    try:
+        top, end = decoder.raw_decode(text, leading)
+    except _Reject as exc:
+        raise HeaderError(exc.message, path=source, code=exc.code) from None
+    except json.JSONDecodeError as exc:
+        raise HeaderError(
+            f"header is not valid JSON: {exc.msg} at character {exc.pos}",
+            path=source,
+            code="invalid-json",
+        ) from None
+    except RecursionError:
+        raise HeaderError("header JSON is nested too deeply", path=source, code="invalid-json") from None
+    except ValueError as exc:  # an integer with more digits than int() accepts
+        raise HeaderError(f"header has a number out of range: {exc}", path=source, code="invalid-json") from None
+    rest = text[end:]
+    trailing = rest.rstrip(JSON_WHITESPACE)
+    if trailing:
+        raise HeaderError(
+            "header has bytes after the JSON object that are not whitespace",
+            path=source,
+            code="bad-padding",
+            expected="spaces (0x20) only",
+            got=repr(trailing[:12]),
+        )
+    padding = len(rest)
+    assert isinstance(top, _Pairs)
+    try:
+        return _validate(top, raw, padding, leading, file_size, bool(_SURROGATE_ESCAPE.search(text)))
+    except _Reject as exc:
+        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
+
+
+def _validate(
+    top: _Pairs, raw: bytes, padding: int, leading: int, file_size: int | None, surrogates: bool
+) -> Header:
+    header_len = len(raw)
+    metadata: dict[str, str] | None = None
+    has_metadata = False
+    metadata_first = True
+    tensors: dict[str, TensorInfo] = {}
+    duplicates: list[str] = []
+    integers: list[Any] = []
+    for index, (name, value) in enumerate(top):
+        if surrogates and _has_lone_surrogate(name):
+            raise _Reject("invalid-json", f"key {name!r} contains a lone surrogate escape")
+        if name == METADATA_KEY:
+            if has_metadata:
+                raise _Reject("duplicate-metadata", "header has more than one __metadata__ key")
+            has_metadata = True
+            metadata_first = index == 0
+            metadata = _validate_metadata(value, surrogates)
+            continue
+        if name in tensors:
+            duplicates.append(name)
+        # Fast path for the layout every writer produces; the integers are range-checked in bulk below.
+        if type(value) is _Pairs and len(value) == 3:
+            (k0, dtype), (k1, shape), (k2, offsets) = value
+            if (
+                k0 == "dtype"
+                and k1 == "shape"
+                and k2 == "data_offsets"
+                and type(dtype) is str
+                and dtype in DTYPE_BITS
+                and type(shape) is list
+                and type(offsets) is list
+                and len(offsets) == 2
+            ):
+                integers.extend(shape)
+                integers.extend(offsets)
+                tensors[name] = TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
+                continue
+        tensors[name] = _validate_entry(name, value, surrogates)
+    if not _all_usize(integers):
+        # Some fast-path entry holds a bad integer: find it with the precise checks for the message.
+        for name, value in top:
+            if name != METADATA_KEY:
+                _validate_entry(name, value, surrogates)
+    data_len = _validate_offsets(tensors)
+    if file_size is not None:
+        expected = PREFIX_SIZE + header_len + data_len
+        if file_size != expected:
+            missing = file_size < expected
+            raise _Reject(
+                "missing-data" if missing else "trailing-data",
+                "file is shorter than its header says" if missing else "file has bytes past the last tensor",
+                expected=f"{expected:,} bytes (8 + header {header_len:,} + data {data_len:,})",
+                got=f"{file_size:,}",
+            )
+    return Header(
+        tensors=MappingProxyType(tensors),
+        metadata=MappingProxyType(metadata) if metadata is not None else None,
+        header_len=header_len,
+        data_len=data_len,
+        raw=raw,
+        padding=padding,
+        leading_whitespace=leading,
+        duplicate_keys=tuple(dict.fromkeys(duplicates)),
+        has_metadata_key=has_metadata,
+        metadata_first=metadata_first,
+    )
+
+
+def _validate_metadata(value: Any, surrogates: bool) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, _Pairs):
+        raise _Reject("bad-metadata", "__metadata__ is not an object", expected="an object", got=_describe(value))
+    out: dict[str, str] = {}
+    for key, item in value:
+        if not isinstance(item, str):
+            raise _Reject(
+                "bad-metadata-value",
+                f"__metadata__[{key!r}] is not a string",
+                expected="a JSON string",
+                got=_describe(item),
+            )
+        if surrogates and (_has_lone_surrogate(key) or _has_lone_surrogate(item)):
+            raise _Reject("invalid-json", f"__metadata__[{key!r}] contains a lone surrogate escape")
+        out[key] = item
+    return out
+
+
+def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
+    if type(value) is not _Pairs:
+        raise _Reject("bad-entry", f"tensor {name!r} is not an object", expected="an object", got=_describe(value))
+    extra: dict[str, Any] = {}
+    if len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
+        # The layout every writer produces: no duplicate or unknown fields to look at.
+        dtype, shape, offsets = value[0][1], value[1][1], value[2][1]
+    else:
+        known: dict[str, Any] = {}
+        for key, item in value:
+            if key in TENSOR_FIELDS:
+                if key in known:
+                    raise _Reject("duplicate-field", f"tensor {name!r} has field {key!r} twice")
+                known[key] = item
+            else:
+                if (
+                    _depth(item) + 2 > MAX_JSON_DEPTH
+                    or not _numbers_ok(item)
+                    or (surrogates and not (_strings_ok(item) and _strings_ok(key)))
+                ):
+                    raise _Reject("invalid-json", f"tensor {name!r} field {key!r} is not acceptable JSON")
+                extra[key] = _plain(item)
+        for key in TENSOR_FIELDS:
+            if key not in known:
+                raise _Reject("missing-field", f"tensor {name!r} has no {key!r}")
+        dtype, shape, offsets = known["dtype"], known["shape"], known["data_offsets"]
+    if type(dtype) is not str:
+        raise _Reject("bad-dtype", f"tensor {name!r} dtype is not a string", got=_describe(dtype))
+    if dtype not in DTYPE_BITS:
+        if surrogates and _has_lone_surrogate(dtype):
+            raise _Reject("invalid-json", f"tensor {name!r} dtype contains a lone surrogate escape")
+        upper = dtype.upper()
+        hint = f" (dtypes are case-sensitive: {upper})" if upper in DTYPE_BITS else ""
+        raise _Reject("unknown-dtype", f"tensor {name!r} has unknown dtype {dtype[:40]!r}{hint}")
+    if type(shape) is not list or not _all_usize(shape):
+        raise _Reject(
+            "bad-shape",
+            f"tensor {name!r} shape is not a list of non-negative integers",
+            got=_describe(shape) if type(shape) is not list else str(shape)[:60],
+        )
+    if type(offsets) is not list or len(offsets) != 2 or not _all_usize(offsets):
+        raise _Reject(
+            "bad-offsets",
+            f"tensor {name!r} data_offsets is not a pair of non-negative integers",
+            got=_describe(offsets) if type(offsets) is not list else str(offsets)[:60],
+        )
+    return TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]), tuple(extra.items()))
+
+
+def _all_usize(values: list[Any]) -> bool:
+    # map(type, ...) keeps the loop in C: bools and floats are rejected, as serde does for usize.
+    return not values or (set(map(type, values)) == {int} and min(values) >= 0 and max(values) <= _U64_MAX)
+
+
+def _validate_offsets(tensors: Mapping[str, TensorInfo]) -> int:
+    ordered = sorted(tensors.items(), key=lambda item: item[1].data_offsets)
+    position = 0
+    for name, info in ordered:
+        begin, end = info.data_offsets
+        if begin != position or end < begin:
+            if begin > position:
+                what = f"leaves a hole before tensor {name!r}"
+            elif end < begin:
+                what = f"tensor {name!r} ends before it begins"
+            else:
+                what = f"tensor {name!r} overlaps the previous one"
+            raise _Reject(
+                "invalid-offset", f"data_offsets {what}", expected=f"begin {position}", got=list(info.data_offsets)
+            )
+        position = end
+        count = math.prod(info.shape)
+        if count > _U64_MAX or (count == 0 and len(info.shape) > 1):
+            # The reader multiplies left to right with checked_mul: [2**40, 2**40, 0] overflows before the 0.
+            running = 1
+            for dim in info.shape:
+                running *= dim
+                if running > _U64_MAX:
+                    raise _Reject("overflow", f"tensor {name!r} element count overflows 64 bits")
+        bits = count * DTYPE_BITS[info.dtype]
+        if bits > _U64_MAX:
+            raise _Reject("overflow", f"tensor {name!r} bit count overflows 64 bits")
+        if bits % 8:
+            raise _Reject("misaligned-slice", f"tensor {name!r} does not fill whole bytes ({bits} bits)")
+        if end - begin != bits // 8:
+            raise _Reject(
+                "size-mismatch",
+                f"tensor {name!r} byte range does not match its shape and dtype",
+                expected=f"{bits // 8} bytes ({info.dtype} {list(info.shape)})",
+                got=f"{end - begin} bytes",
+            )
+    return position
+
+
+# --------------------------------------------------------------------------------------------
+# Serialization
+
+
+def check_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
+    """Return ``metadata`` as a plain dict after checking it can be written (str keys and values)."""
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise MetadataError(
+                f"metadata entry {key!r} is not a string",
+                code="bad-metadata-value",
+                expected="str",
+                got=type(value).__name__,
+            )
+        if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+            raise MetadataError(f"metadata entry {key!r} contains a lone surrogate", code="lone-surrogate")
+        out[key] = value
+    return out
+
+
+def serialize_header(
+    metadata: Mapping[str, str] | None,
+    tensors: Mapping[str, TensorInfo],
+    *,
+    length: int | None = None,
+) -> bytes:
+    """Return header bytes: compact JSON, ``__metadata__`` first, tensors in the given order.
+
+    Padded at the end with spaces so ``8 + N`` is a multiple of :data:`ALIGNMENT`, or to exactly
+    ``length`` bytes when given (a :class:`MetadataError` if it does not fit).
+    """
+    obj: dict[str, Any] = {}
+    if metadata is not None:
+        obj[METADATA_KEY] = check_metadata(metadata)
+    for name, info in tensors.items():
+        obj[name] = info.to_json_obj()
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if length is None:
+        length = len(body) + (-(PREFIX_SIZE + len(body)) % ALIGNMENT)
+    if len(body) > length:
+        raise MetadataError(
+            "new header does not fit in the space given", code="no-fit", expected=f"<= {length}", got=len(body)
+        )
+    if length > MAX_HEADER_LEN:
+        raise MetadataError(
+            "new header is larger than safetensors allows",
+            code="header-too-large",
+            expected=f"at most {MAX_HEADER_LEN:,} bytes",
+            got=f"{length:,}",
+        )
+    return body + b" " * (length - len(body))
+
+
+def minimal_header_len(metadata: Mapping[str, str] | None, tensors: Mapping[str, TensorInfo]) -> int:
+    """Return the length of the unpadded serialization (what a new header needs at least)."""
+    return len(serialize_header(metadata, tensors, length=MAX_HEADER_LEN).rstrip(b" "))
+
+
+def pack_prefix(header_bytes: bytes) -> bytes:
+    """Return the 8-byte length prefix followed by the header bytes."""
+    return struct.pack("<Q", len(header_bytes)) + header_bytes
+
+
+def metadata_equal(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> bool:
+    """Compare two metadata maps key by key (order never matters; ``None`` equals ``{}``)."""
+    return dict(a or {}) == dict(b or {})
+
+
+def same_tensors(a: Mapping[str, TensorInfo], b: Mapping[str, TensorInfo]) -> bool:
+    """Return whether two tensor tables are identical, order included."""
+    return list(a.items()) == list(b.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Thin I/O
+
+
+def _read_exact(f: Any, size: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = f.read(remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` without blocking on FIFOs and return the fd, refusing anything but a regular file."""
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise HeaderError("no such file", path=name, code="not-found") from None
+    except IsADirectoryError:
+        raise HeaderError("is a directory, not a safetensors file", path=name, code="not-a-file") from None
+    except PermissionError:
+        raise HeaderError("permission denied", path=name, code="permission") from None
+    except OSError as exc:
+        raise HeaderError(f"cannot open: {exc.strerror}", path=name, code="io") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise HeaderError(f"is {kind}, not a safetensors file", path=name, code="not-a-file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_header_fd(fd: int, *, source: str) -> Header:
+    """Read and validate the header of an open regular file (only the prefix and N header bytes)."""
+    file_size = os.fstat(fd).st_size
+    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+        f.seek(0)
+        prefix = _read_exact(f, PREFIX_SIZE)
+        n = parse_length_prefix(prefix, file_size, source=source)
+        raw = _read_exact(f, n)
+    if len(raw) != n:
+        raise HeaderError("file shrank while being read", path=source, code="io")
+    return parse_header(raw, file_size, source=source)
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of ``path`` without reading the data region."""
+    name = os.fspath(path)
+    fd = open_regular(name)
+    try:
+        return read_header_fd(fd, source=name)
+    except OSError as exc:
+        raise HeaderError(f"cannot read: {exc.strerror}", path=name, code="io") from None
+    finally:
+        os.close(fd)
+
+
+def parse_file_bytes(blob: bytes, *, source: str = "<bytes>") -> Header:
+    """Validate a whole file held in memory (for tests and fuzzing)."""
+    n = parse_length_prefix(blob[:PREFIX_SIZE], len(blob), source=source)
+    raw = blob[PREFIX_SIZE : PREFIX_SIZE + n]
+    return parse_header(raw, len(blob), source=source)
+
+
+def iter_tensor_names(header: Header, suffix: str) -> Iterable[str]:
+    """Yield tensor names ending with ``suffix`` in header order."""
+    return (name for name in header.tensors if name.endswith(suffix))
