@@ -1,0 +1,99 @@
+"""Shared vocabulary: model families, precisions, and what was inferred from a header (with evidence)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+T = TypeVar("T")
+
+#: The two SVDQuant weight formats: int4 (W4A4, group 64) and nvfp4 (fp4_e2m1_all, F8_E4M3 scales, group 16).
+Precision = Literal["int4", "nvfp4"]
+PRECISIONS: tuple[Precision, ...] = ("int4", "nvfp4")
+
+
+class Family(str, enum.Enum):
+    """A model family Nunchaku has a loader for."""
+
+    FLUX = "flux"
+    QWEN_IMAGE = "qwen-image"
+    Z_IMAGE = "z-image"
+    SANA = "sana"
+    SDXL = "sdxl"
+    T5 = "t5"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The Nunchaku class that loads each family (nunchaku-contract.md section 2).
+MODEL_CLASS: dict[Family, str] = {
+    Family.FLUX: "NunchakuFluxTransformer2dModel",
+    Family.QWEN_IMAGE: "NunchakuQwenImageTransformer2DModel",
+    Family.Z_IMAGE: "NunchakuZImageTransformer2DModel",
+    Family.SANA: "NunchakuSanaTransformer2DModel",
+    Family.SDXL: "NunchakuSDXLUNet2DConditionModel",
+    Family.T5: "NunchakuT5EncoderModel",
+}
+
+
+@dataclass(frozen=True)
+class Fact(Generic[T]):
+    """One conclusion drawn from the tensor table, with the tensors that support it."""
+
+    value: T
+    #: Tensor names (a few representative ones) that said so.
+    evidence: tuple[str, ...] = ()
+    #: A short human sentence: how the value was derived.
+    note: str = ""
+
+
+class Severity(str, enum.Enum):
+    """How bad a finding is."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check result: severity, a stable code, and a one-line message."""
+
+    severity: Severity
+    code: str
+    message: str
+    #: Which loader (or "file") the finding concerns, e.g. "nunchaku-flux", "comfyui-flux".
+    scope: str = "file"
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What the tensor table says about the model. ``None`` means "the header does not tell"."""
+
+    family: Fact[Family] | None = None
+    precision: Fact[Precision] | None = None
+    rank: Fact[int] | None = None
+    group_size: Fact[int] | None = None
+    #: Flux: double blocks; Qwen-Image / SANA / Z-Image: main transformer layers.
+    num_layers: Fact[int] | None = None
+    #: Flux single blocks.
+    num_single_layers: Fact[int] | None = None
+    #: The diffusers ``in_channels`` read off ``x_embedder.weight`` (Flux: 64, 128 or 384).
+    in_channels: Fact[int] | None = None
+    #: Flux: whether ``time_text_embed.guidance_embedder.*`` is present (``None``: unquantized layers absent).
+    guidance_embeds: Fact[bool] | None = None
+    #: Width of the model (Flux: 3072) from the quantized qkv layers.
+    hidden_size: Fact[int] | None = None
+    #: Z-Image: true when no refiner layer is quantized (``attention.to_qkv`` absent under ``*refiner*``).
+    skip_refiners: Fact[bool] | None = None
+    #: Whether the unquantized layers (embedders, ``proj_out``) are in the file.
+    has_unquantized: bool = False
+    #: Whether any SVDQuant tensor (W4A4 ``qweight`` with low-rank branch) is present.
+    quantized: bool = False
+    #: Self-contradictions found in the table (mixed ranks, F8 scales beside int4 group sizes, ...).
+    contradictions: tuple[str, ...] = field(default=())
