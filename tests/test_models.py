@@ -1,0 +1,411 @@
+"""The known-model registry: aliases, embedded configs, candidates for header facts, functional identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patcher import models
+from patcher.errors import ConfigError
+from patcher.facts import MODEL_CLASS, Family
+
+# Tests run from a clone with ``../shared/reference`` beside it (the repo root's parent holds ``shared/``).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_CONFIGS = REPO_ROOT.parent / "shared" / "reference" / "configs"
+PACKAGE_CONFIGS = REPO_ROOT / "patcher" / "configs"
+
+EXPECTED_NAMES = [
+    "flux.1-dev",
+    "flux.1-schnell",
+    "flux.1-fill-dev",
+    "flux.1-canny-dev",
+    "flux.1-depth-dev",
+    "flux.1-kontext-dev",
+    "flux.1-krea-dev",
+    "shuttle-jaguar",
+    "qwen-image",
+    "qwen-image-edit-2509",
+    "sana-1600m",
+    "z-image-turbo",
+]
+
+
+def test_registry_holds_the_twelve_models_in_canonical_order() -> None:
+    assert [m.name for m in models.all_models()] == EXPECTED_NAMES
+
+
+ALIASES = [
+    # the short name itself
+    ("flux.1-dev", "flux.1-dev"),
+    # the Hugging Face repo id, and in another case
+    ("black-forest-labs/FLUX.1-dev", "flux.1-dev"),
+    ("BLACK-FOREST-LABS/flux.1-dev", "flux.1-dev"),
+    # the spelling of the repo name
+    ("FLUX.1-dev", "flux.1-dev"),
+    # common spellings without the ".1" or without the dot
+    ("flux-dev", "flux.1-dev"),
+    ("flux1-dev", "flux.1-dev"),
+    # underscores and spaces count as dashes
+    ("flux1_dev", "flux.1-dev"),
+    ("  Flux.1 Dev ", "flux.1-dev"),
+    # the name inside Nunchaku's published merged files, with and without the extension
+    ("svdq-int4_r32-flux.1-dev", "flux.1-dev"),
+    ("svdq-fp4_r32-flux.1-dev.safetensors", "flux.1-dev"),
+    # a rank the alias list does not spell out: the published-name prefix is stripped
+    ("svdq-int4_r128-qwen-image", "qwen-image"),
+    # Nunchaku's own repositories, old (mit-han-lab/svdq-*) and new (nunchaku-tech/nunchaku-*)
+    ("mit-han-lab/svdq-int4-flux.1-schnell", "flux.1-schnell"),
+    ("nunchaku-tech/nunchaku-flux.1-kontext-dev", "flux.1-kontext-dev"),
+    ("nunchaku-ai/nunchaku-z-image-turbo", "z-image-turbo"),
+    # deepcompressor pipeline.name values
+    ("flux.1-schnell", "flux.1-schnell"),
+    ("flux.1-canny-dev", "flux.1-canny-dev"),
+    ("flux.1-depth-dev", "flux.1-depth-dev"),
+    ("flux.1-fill-dev", "flux.1-fill-dev"),
+    # repo ids of the control / fill / edit variants
+    ("black-forest-labs/FLUX.1-Canny-dev", "flux.1-canny-dev"),
+    ("black-forest-labs/FLUX.1-Depth-dev", "flux.1-depth-dev"),
+    ("black-forest-labs/FLUX.1-Fill-dev", "flux.1-fill-dev"),
+    ("black-forest-labs/FLUX.1-Kontext-dev", "flux.1-kontext-dev"),
+    ("black-forest-labs/FLUX.1-Krea-dev", "flux.1-krea-dev"),
+    # short spellings of the variants
+    ("flux-fill", "flux.1-fill-dev"),
+    ("flux1-canny-dev", "flux.1-canny-dev"),
+    ("flux-kontext", "flux.1-kontext-dev"),
+    ("flux.1-krea", "flux.1-krea-dev"),
+    # shuttle-jaguar by name and by repo
+    ("shuttleai/shuttle-jaguar", "shuttle-jaguar"),
+    ("svdq-int4_r32-shuttle-jaguar", "shuttle-jaguar"),
+    # Qwen-Image and its 2509 edit model (the longer name must not fall to the shorter)
+    ("Qwen/Qwen-Image", "qwen-image"),
+    ("qwen_image", "qwen-image"),
+    ("Qwen/Qwen-Image-Edit-2509", "qwen-image-edit-2509"),
+    ("svdq-int4_r128-qwen-image-edit-2509", "qwen-image-edit-2509"),
+    # SANA 1.6B: the registry's short name, the config file's name, the repo, deepcompressor-style spellings
+    ("sana-1600m", "sana-1600m"),
+    ("sana-1600m-1024px", "sana-1600m"),
+    ("Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "sana-1600m"),
+    ("sana-1.6b", "sana-1600m"),
+    # Z-Image-Turbo
+    ("Tongyi-MAI/Z-Image-Turbo", "z-image-turbo"),
+    ("Z-Image-Turbo", "z-image-turbo"),
+]
+
+
+@pytest.mark.parametrize(("alias", "expected"), ALIASES)
+def test_alias_resolves(alias: str, expected: str) -> None:
+    assert models.lookup(alias).name == expected
+
+
+@pytest.mark.parametrize("model", models.all_models(), ids=lambda m: m.name)
+def test_every_listed_alias_resolves_to_its_own_model(model: models.KnownModel) -> None:
+    assert model.name in model.aliases and model.repo_id in model.aliases
+    for alias in model.aliases:
+        assert models.lookup(alias) is model, alias
+        assert models.lookup(alias.upper()) is model, alias
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggested"),
+    [
+        # one letter doubled
+        ("flux-deev", "flux.1-dev"),
+        # one letter missing
+        ("flux.1-schnel", "flux.1-schnell"),
+        # truncated
+        ("qwen-imag", "qwen-image"),
+        # misspelt vendor
+        ("shutle-jaguar", "shuttle-jaguar"),
+    ],
+)
+def test_unknown_name_suggests_close_ones(typo: str, suggested: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        models.lookup(typo)
+    message = str(info.value)
+    assert message.startswith(f"unknown model name {typo!r}")
+    assert "Did you mean" in message and suggested in message.split("Known models")[0]
+
+
+def test_unknown_name_far_from_everything_lists_the_known_models() -> None:
+    with pytest.raises(ConfigError) as info:
+        models.lookup("stable-cascade")
+    message = str(info.value)
+    assert "Did you mean" not in message
+    assert all(name in message for name in EXPECTED_NAMES)
+    assert models.find("stable-cascade") is None
+
+
+@pytest.mark.parametrize("model", models.all_models(), ids=lambda m: m.name)
+def test_model_facts_match_index_and_config(model: models.KnownModel) -> None:
+    index = json.loads((PACKAGE_CONFIGS / "index.json").read_text())
+    key = "sana-1600m-1024px" if model.name == "sana-1600m" else model.name
+    assert model.repo_id == index[key]["repo_id"]
+    assert model.repo_file == index[key]["file"] == "transformer/config.json"
+    assert model.certainty == index[key]["certainty"]
+    assert model.model_class == MODEL_CLASS[model.family]
+    if model.embedded_config is None:
+        return
+    config = json.loads((PACKAGE_CONFIGS / model.embedded_config).read_text())
+    assert model.in_channels == config["in_channels"]
+    assert model.guidance_embeds == config.get("guidance_embeds", False)
+    assert model.num_layers == config.get("num_layers", config.get("n_layers"))
+    assert model.num_single_layers == config.get("num_single_layers")
+
+
+VARIANTS = [
+    # name, family, in_channels, guidance_embeds, blocks (double, single), embedder width
+    ("flux.1-dev", Family.FLUX, 64, True, 19, 38, 64),
+    ("flux.1-schnell", Family.FLUX, 64, False, 19, 38, 64),
+    # Fill: image + mask latents packed into 384 input channels
+    ("flux.1-fill-dev", Family.FLUX, 384, True, 19, 38, 384),
+    # Canny / Depth: image + control latents, 128
+    ("flux.1-canny-dev", Family.FLUX, 128, True, 19, 38, 128),
+    ("flux.1-depth-dev", Family.FLUX, 128, True, 19, 38, 128),
+    ("flux.1-kontext-dev", Family.FLUX, 64, True, 19, 38, 64),
+    ("flux.1-krea-dev", Family.FLUX, 64, True, 19, 38, 64),
+    # no config of its own: the facts are schnell's shape, the stand-in
+    ("shuttle-jaguar", Family.FLUX, 64, False, 19, 38, 64),
+    ("qwen-image", Family.QWEN_IMAGE, 64, False, 60, None, 64),
+    ("qwen-image-edit-2509", Family.QWEN_IMAGE, 64, False, 60, None, 64),
+    ("sana-1600m", Family.SANA, 32, False, 20, None, 32),
+    # Z-Image's embedder sees 2x2x1 patches of 16 channels: the header shows 64
+    ("z-image-turbo", Family.Z_IMAGE, 16, False, 30, None, 64),
+]
+
+
+@pytest.mark.parametrize(("name", "family", "in_ch", "guidance", "layers", "single", "width"), VARIANTS)
+def test_variant_facts(
+    name: str, family: Family, in_ch: int, guidance: bool, layers: int, single: int | None, width: int
+) -> None:
+    model = models.lookup(name)
+    assert (model.family, model.in_channels, model.guidance_embeds) == (family, in_ch, guidance)
+    assert (model.num_layers, model.num_single_layers, model.embedder_width) == (layers, single, width)
+
+
+def test_shuttle_jaguar_has_no_embedded_config_and_says_so() -> None:
+    jaguar = models.lookup("shuttle-jaguar")
+    assert jaguar.embedded_config is None
+    assert jaguar.stand_in == "flux.1-schnell"
+    assert jaguar.certainty.startswith("not known")
+    with pytest.raises(ConfigError, match="no verified config of shuttle-jaguar is known"):
+        models.embedded_config_text(jaguar)
+    with pytest.raises(ConfigError, match="no verified config"):
+        models.embedded_config(jaguar)
+
+
+@pytest.mark.skipif(not REFERENCE_CONFIGS.is_dir(), reason="../shared/reference is not beside this clone")
+@pytest.mark.parametrize("model", [m for m in models.all_models() if m.embedded_config], ids=lambda m: m.name)
+def test_embedded_config_is_byte_identical_to_reference(model: models.KnownModel) -> None:
+    assert model.embedded_config is not None
+    reference = (REFERENCE_CONFIGS / model.embedded_config).read_bytes()
+    assert models.embedded_config_text(model).encode("utf-8") == reference
+
+
+@pytest.mark.skipif(not REFERENCE_CONFIGS.is_dir(), reason="../shared/reference is not beside this clone")
+def test_embedded_index_is_byte_identical_to_reference() -> None:
+    assert (PACKAGE_CONFIGS / "index.json").read_bytes() == (REFERENCE_CONFIGS / "index.json").read_bytes()
+
+
+@pytest.mark.parametrize("model", [m for m in models.all_models() if m.embedded_config], ids=lambda m: m.name)
+def test_embedded_config_text_is_the_package_file(model: models.KnownModel) -> None:
+    # Also runs without the reference folder: the text is the package data, byte for byte (no newline translation).
+    assert model.embedded_config is not None
+    raw = (PACKAGE_CONFIGS / model.embedded_config).read_bytes()
+    assert models.embedded_config_text(model).encode("utf-8") == raw
+    assert models.embedded_config(model) == json.loads(raw)
+
+
+def test_embedded_config_returns_a_fresh_copy() -> None:
+    dev = models.lookup("flux.1-dev")
+    first = models.embedded_config(dev)
+    first["in_channels"] = 999
+    assert models.embedded_config(dev)["in_channels"] == 64
+
+
+CANDIDATES = [
+    # dev-like: in_channels 64 with a guidance embedder (dev first: the canonical one)
+    ((Family.FLUX, 64, True, 19, 38), ["flux.1-dev", "flux.1-kontext-dev", "flux.1-krea-dev"]),
+    # schnell-like: no guidance embedder
+    ((Family.FLUX, 64, False, 19, 38), ["flux.1-schnell", "shuttle-jaguar"]),
+    # Canny / Depth
+    ((Family.FLUX, 128, True, 19, 38), ["flux.1-canny-dev", "flux.1-depth-dev"]),
+    # Fill
+    ((Family.FLUX, 384, True, 19, 38), ["flux.1-fill-dev"]),
+    # no known model without guidance at 128 or 384 channels
+    ((Family.FLUX, 128, False, 19, 38), []),
+    ((Family.FLUX, 384, False, None, None), []),
+    # blocks-only Flux file: every Flux model fits
+    (
+        (Family.FLUX, None, None, 19, 38),
+        [
+            "flux.1-dev",
+            "flux.1-schnell",
+            "flux.1-fill-dev",
+            "flux.1-canny-dev",
+            "flux.1-depth-dev",
+            "flux.1-kontext-dev",
+            "flux.1-krea-dev",
+            "shuttle-jaguar",
+        ],
+    ),
+    # in_channels 64 but the guidance embedder not visible
+    (
+        (Family.FLUX, 64, None, None, None),
+        ["flux.1-dev", "flux.1-schnell", "flux.1-kontext-dev", "flux.1-krea-dev", "shuttle-jaguar"],
+    ),
+    # a Flux with other block counts (a pruned model) is none of the known ones
+    ((Family.FLUX, 64, True, 8, 38), []),
+    # family unknown: 64 channels, no guidance also fits Qwen-Image, and Z-Image (its embedder is 64 wide)
+    (
+        (None, 64, False, None, None),
+        ["flux.1-schnell", "shuttle-jaguar", "qwen-image", "qwen-image-edit-2509", "z-image-turbo"],
+    ),
+    # Qwen-Image: 60 blocks, no single blocks
+    ((Family.QWEN_IMAGE, 64, None, 60, None), ["qwen-image", "qwen-image-edit-2509"]),
+    ((Family.QWEN_IMAGE, 64, None, 60, 0), ["qwen-image", "qwen-image-edit-2509"]),
+    # single blocks rule out every non-Flux model
+    ((Family.QWEN_IMAGE, None, None, None, 38), []),
+    # SANA 1600M
+    ((Family.SANA, 32, None, 20, None), ["sana-1600m"]),
+    # Z-Image: the header's embedder width (64) or the config's in_channels (16)
+    ((Family.Z_IMAGE, 64, None, 30, None), ["z-image-turbo"]),
+    ((Family.Z_IMAGE, 16, None, None, None), ["z-image-turbo"]),
+    # nothing known: everything fits
+    ((None, None, None, None, None), EXPECTED_NAMES),
+]
+
+
+@pytest.mark.parametrize(("facts", "expected"), CANDIDATES)
+def test_candidates(
+    facts: tuple[Family | None, int | None, bool | None, int | None, int | None], expected: list[str]
+) -> None:
+    assert [m.name for m in models.candidates(*facts)] == expected
+
+
+def _load(name: str) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((PACKAGE_CONFIGS / name).read_text())
+    return loaded
+
+
+DEV = _load("flux.1-dev.json")
+
+IDENTICAL = [
+    # dev vs Kontext vs Krea: only _diffusers_version, _name_or_path, out_channels null and the default rope differ
+    ("flux.1-dev", "flux.1-kontext-dev", True),
+    ("flux.1-dev", "flux.1-krea-dev", True),
+    ("flux.1-kontext-dev", "flux.1-krea-dev", True),
+    # Canny and Depth: the same architecture
+    ("flux.1-canny-dev", "flux.1-depth-dev", True),
+    # Qwen-Image's first config carries pooled_projection_dim, which the class ignores
+    ("qwen-image", "qwen-image-edit-2509", True),
+    # the guidance embedder differs
+    ("flux.1-dev", "flux.1-schnell", False),
+    # input channels differ
+    ("flux.1-dev", "flux.1-fill-dev", False),
+    ("flux.1-canny-dev", "flux.1-fill-dev", False),
+    # different classes
+    ("flux.1-schnell", "qwen-image", False),
+    ("sana-1600m", "z-image-turbo", False),
+    # no verified config: cannot be shown identical
+    ("flux.1-schnell", "shuttle-jaguar", False),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), IDENTICAL)
+def test_functionally_identical_known_models(a: str, b: str, expected: bool) -> None:
+    left, right = models.lookup(a), models.lookup(b)
+    assert models.functionally_identical(left, right) is expected
+    assert models.functionally_identical(right, left) is expected
+
+
+def _with(base: dict[str, object], **changes: object) -> dict[str, object]:
+    out = dict(base)
+    for key, value in changes.items():
+        if value is _DROP:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+_DROP = object()
+
+CONFIG_CASES = [
+    # bookkeeping fields are ignored
+    (_with(DEV, _diffusers_version="0.99.0"), True),
+    (_with(DEV, _name_or_path=_DROP), True),
+    (_with(DEV, _commit_hash="abc"), True),
+    # out_channels null == absent (Flux builds out_channels or in_channels)
+    (_with(DEV, out_channels=None), True),
+    # ... and == in_channels spelled out
+    (_with(DEV, out_channels=64), True),
+    # but not another value
+    (_with(DEV, out_channels=16), False),
+    # the default rope axes spelled out, as a list
+    (_with(DEV, axes_dims_rope=[16, 56, 56]), True),
+    # other rope axes
+    (_with(DEV, axes_dims_rope=[16, 56, 57]), False),
+    # defaults spelled out for the other fields
+    (_with(DEV, pooled_projection_dim=768, patch_size=1), True),
+    # a removed field that has no default equal to dev's value (guidance_embeds default is false)
+    (_with(DEV, guidance_embeds=_DROP), False),
+    # an architecture field changed
+    (_with(DEV, num_single_layers=37), False),
+    # an unknown field is compared, not ignored
+    (_with(DEV, some_new_flag=True), False),
+    # the class matters
+    (_with(DEV, _class_name="FluxControlNetModel"), False),
+]
+
+
+@pytest.mark.parametrize(("config", "expected"), CONFIG_CASES)
+def test_functionally_identical_configs(config: dict[str, object], expected: bool) -> None:
+    assert models.functionally_identical(DEV, config) is expected
+    assert models.functionally_identical(config, models.lookup("flux.1-dev")) is expected
+
+
+def test_qwen_out_channels_null_is_not_the_default() -> None:
+    # QwenImageTransformer2DModel defaults out_channels to 16, but builds ``out_channels or in_channels``:
+    # an explicit null means 64, not 16.
+    qwen = _load("qwen-image-edit-2509.json")
+    assert models.functionally_identical(qwen, _with(qwen, out_channels=_DROP))
+    assert not models.functionally_identical(qwen, _with(qwen, out_channels=None))
+
+
+def test_config_differences_names_the_fields() -> None:
+    dev, fill = models.lookup("flux.1-dev"), models.lookup("flux.1-fill-dev")
+    assert models.config_differences(dev, fill) == ["in_channels"]
+    assert models.config_differences(dev, models.lookup("flux.1-schnell")) == ["guidance_embeds"]
+
+
+HINTS = [
+    # nunchaku >= 0.3 merged file names
+    ("svdq-int4_r32-flux.1-dev.safetensors", "flux.1-dev"),
+    ("svdq-fp4_r32-flux.1-kontext-dev.safetensors", "flux.1-kontext-dev"),
+    # the longer alias wins over a shorter one inside it
+    ("svdq-int4_r128-qwen-image-edit-2509.safetensors", "qwen-image-edit-2509"),
+    ("svdq-int4_r32-qwen-image.safetensors", "qwen-image"),
+    # the old repository folder of a deepcompressor conversion
+    ("svdq-int4-flux.1-schnell", "flux.1-schnell"),
+    # a user's own naming
+    ("my_flux1-fill-dev_int4.safetensors", "flux.1-fill-dev"),
+    ("shuttle-jaguar-int4.safetensors", "shuttle-jaguar"),
+    # names that mention no model
+    ("transformer_blocks.safetensors", None),
+    ("model.safetensors", None),
+    # "dev" alone is not an alias; "flux.1-devil" is not flux.1-dev (word boundary)
+    ("dev.safetensors", None),
+    ("flux.1-devil.safetensors", None),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), HINTS)
+def test_find_in_name(name: str, expected: str | None) -> None:
+    found = models.find_in_name(name)
+    assert (found.name if found else None) == expected
+
+
+def test_find_in_name_refuses_two_different_models_of_equal_length() -> None:
+    assert models.find_in_name("flux-dev-vs-flux-fill.safetensors") is None
