@@ -1,0 +1,347 @@
+"""Operating-system primitives the header writer needs, each with a portable fallback.
+
+Linux gets the fast and safe paths (``fallocate`` insert-range, write leases, ``copy_file_range``,
+``flock``). Elsewhere the same functions report "unsupported" (``False``) and the caller takes the
+copy path, which needs nothing beyond ``os``: a temp file, a chunked copy, ``os.replace``.
+Nothing here knows about safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import stat
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+IS_LINUX = sys.platform.startswith("linux")
+IS_WINDOWS = sys.platform == "win32"
+IS_MACOS = sys.platform == "darwin"
+
+if sys.platform != "win32":
+    import fcntl
+
+#: ``fallocate`` mode bits (linux/falloc.h): shift everything after ``offset`` forward / back by ``length``.
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_INSERT_RANGE = 0x20
+#: ``fcntl`` commands for leases (linux/fcntl.h, F_LINUX_SPECIFIC_BASE + 0 / + 1); Python < 3.12 lacks the names.
+F_SETLEASE = 1024
+F_GETLEASE = 1025
+#: Filesystems known to implement insert-range (used only to predict the strategy in a dry run).
+INSERT_RANGE_FILESYSTEMS = frozenset({"ext4", "xfs"})
+#: Buffer of the portable copy loop (``copy_file_range`` needs none).
+COPY_CHUNK = 8 * 1024 * 1024
+#: Largest count handed to one ``copy_file_range`` call (the kernel caps a call near 2 GiB anyway).
+_CFR_MAX = 1 << 30
+#: Where the Windows lock byte lives: far past any real file end, so it never blocks reading the data.
+_WINDOWS_LOCK_OFFSET = 1 << 62
+
+# errno values that mean "this kernel / filesystem cannot do that", as opposed to a real I/O failure.
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS, errno.ENOTTY})
+# copy_file_range errors after which the portable loop can still do the job.
+_CFR_FALLBACK = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF})
+# fsync of a directory is not supported everywhere (some FUSE and network filesystems): not worth failing for.
+_DIR_FSYNC_IGNORED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES})
+
+_fallocate_fn: Any = None
+_fallocate_loaded = False
+
+
+def _fallocate() -> Any:
+    """Return libc's 64-bit ``fallocate`` through ctypes, or ``None`` when there is none."""
+    global _fallocate_fn, _fallocate_loaded
+    if not _fallocate_loaded:
+        _fallocate_loaded = True
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "fallocate64", None) or libc.fallocate
+        except (OSError, AttributeError):
+            fn = None
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+        _fallocate_fn = fn
+    return _fallocate_fn
+
+
+def shift_range(fd: int, mode: int, offset: int, length: int) -> bool:
+    """Insert or collapse ``length`` bytes at ``offset``; return False where the filesystem cannot."""
+    if not IS_LINUX:
+        return False
+    fn = _fallocate()
+    if fn is None:
+        return False
+    while True:
+        if fn(fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            continue
+        if err in _UNSUPPORTED:
+            return False
+        raise OSError(err, os.strerror(err))
+
+
+def insert_range(fd: int, offset: int, length: int) -> bool:
+    """Insert a hole of ``length`` bytes at ``offset``, shifting the rest; False if unsupported."""
+    return shift_range(fd, FALLOC_FL_INSERT_RANGE, offset, length)
+
+
+def collapse_range(fd: int, offset: int, length: int) -> bool:
+    """Remove ``length`` bytes at ``offset``, shifting the rest back; False if unsupported."""
+    return shift_range(fd, FALLOC_FL_COLLAPSE_RANGE, offset, length)
+
+
+# --------------------------------------------------------------------------------------------
+# Leases: proof that no other process has the file open or mapped
+
+
+def take_write_lease(fd: int) -> bool:
+    """Take a Linux write lease on ``fd`` (opened for writing); False if another process holds the file."""
+    if not IS_LINUX:
+        return False
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_WRLCK)
+    except OSError:  # EAGAIN/EBUSY: open or mapped elsewhere; EACCES: not the owner; EINVAL: no lease support
+        return False
+    return True
+
+
+def release_lease(fd: int) -> None:
+    """Drop the lease taken by :func:`take_write_lease` (no error if there is none)."""
+    if IS_LINUX:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+
+
+@contextlib.contextmanager
+def lease_break_handler() -> Iterator[bool]:
+    """Catch SIGIO while a lease is held (a lease break must not kill us); yield False where impossible.
+
+    The kernel signals the lease holder with SIGIO, whose default action terminates the process.
+    Python can install a handler only from the main thread.
+    """
+    sig = getattr(signal, "SIGIO", None)
+    if sig is None or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    breaks: list[int] = []
+
+    def on_break(signum: int, frame: FrameType | None) -> None:
+        # The opener waits until we release the lease, which we do as soon as the prefix is written.
+        breaks.append(signum)
+
+    previous: Callable[[int, FrameType | None], Any] | int | None = signal.signal(sig, on_break)
+    try:
+        yield True
+    finally:
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+# --------------------------------------------------------------------------------------------
+# Advisory locks between nunchaku-patch processes
+
+
+def try_lock(fd: int, *, exclusive: bool = True) -> bool:
+    """Try to lock ``fd`` without waiting; return False if another process holds a conflicting lock.
+
+    POSIX: ``flock`` (released when the fd is closed). Windows: an exclusive ``msvcrt`` lock on one byte
+    far past the end of the file, so reads of the real bytes are not blocked. Elsewhere: no locking.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        position = os.lseek(fd, 0, os.SEEK_CUR)
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        finally:
+            os.lseek(fd, position, os.SEEK_SET)
+        return True
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def unlock(fd: int) -> None:
+    """Release the lock taken by :func:`try_lock` (closing the fd does it too)."""
+    with contextlib.suppress(OSError):
+        if sys.platform == "win32":
+            import msvcrt
+
+            position = os.lseek(fd, 0, os.SEEK_CUR)
+            os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            try:
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            finally:
+                os.lseek(fd, position, os.SEEK_SET)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# Durable, positioned I/O
+
+
+def fsync(fd: int) -> None:
+    """Flush ``fd`` to stable storage (``F_FULLFSYNC`` on macOS, where plain fsync stops at the drive cache)."""
+    if IS_MACOS:
+        full = getattr(fcntl, "F_FULLFSYNC", None)
+        if full is not None:
+            try:
+                fcntl.fcntl(fd, full)
+                return
+            except OSError:
+                pass
+    os.fsync(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory entry change (create, rename, unlink); skipped where unsupported (Windows)."""
+    if IS_WINDOWS:
+        return
+    try:
+        dfd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_IGNORED:
+            raise
+    finally:
+        os.close(dfd)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (looping on short writes)."""
+    view = memoryview(data)
+    while view:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, view, offset)
+        else:  # Windows: no pwrite; the fd is ours alone, so seeking is safe
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write returned no progress")
+        view = view[written:]
+        offset += written
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Read up to ``size`` bytes at ``offset``; shorter only at end of file."""
+    chunks: list[bytes] = []
+    while size > 0:
+        if hasattr(os, "pread"):
+            chunk = os.pread(fd, min(size, COPY_CHUNK), offset)
+        else:
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunk = os.read(fd, min(size, COPY_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def copy_data(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes between files, kernel-side with ``copy_file_range`` where it works."""
+    use_kernel = hasattr(os, "copy_file_range")
+    done = 0
+    while done < length:
+        count = length - done
+        if use_kernel:
+            try:
+                moved = os.copy_file_range(src, dst, min(count, _CFR_MAX), src_offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno in _CFR_FALLBACK:
+                    use_kernel = False
+                    continue
+                raise
+        else:
+            chunk = pread_exact(src, min(count, COPY_CHUNK), src_offset + done)
+            moved = len(chunk)
+            if moved:
+                pwrite_all(dst, chunk, dst_offset + done)
+        if moved <= 0:
+            raise OSError(errno.EIO, "the source file ended before its data region did")
+        done += moved
+
+
+def copy_attributes(
+    source: os.stat_result, dst_fd: int, dst_path: str, *, src_fd: int | None = None, owner: bool = False
+) -> None:
+    """Give a new file the source's permission bits, and its owner (root only) and xattrs when asked."""
+    if owner and hasattr(os, "fchown") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Only root can give a file away; chown clears set-id bits, so it comes before chmod.
+        with contextlib.suppress(OSError):
+            os.fchown(dst_fd, source.st_uid, source.st_gid)
+    mode = stat.S_IMODE(source.st_mode)
+    if hasattr(os, "fchmod"):
+        os.fchmod(dst_fd, mode)
+    else:
+        os.chmod(dst_path, mode)
+    if src_fd is not None and hasattr(os, "listxattr"):
+        # Best effort (ACLs, user.* tags): a filesystem without xattrs is no reason to fail the patch.
+        with contextlib.suppress(OSError):
+            for name in os.listxattr(src_fd):
+                with contextlib.suppress(OSError):
+                    os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
+
+
+# --------------------------------------------------------------------------------------------
+# Filesystem facts
+
+
+def block_size(path: str) -> int:
+    """Return the filesystem block size of ``path`` (the unit of insert-range), 4096 where unknown."""
+    if hasattr(os, "statvfs"):
+        try:
+            size = os.statvfs(path).f_bsize
+        except OSError:
+            return 4096
+        if size > 0:
+            return int(size)
+    return 4096
+
+
+def filesystem_type(path: str) -> str | None:
+    """Return the Linux filesystem type holding ``path`` (``ext4``, ``tmpfs``...), ``None`` if unknown."""
+    if not IS_LINUX:
+        return None
+    try:
+        dev = os.stat(path).st_dev
+        wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if sep and len(fields) > 2 and fields[2] == wanted and right.split():
+                    return right.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+def insert_range_likely(path: str) -> bool:
+    """Guess whether insert-range works on ``path``'s filesystem (only for predictions; writes try it)."""
+    return IS_LINUX and filesystem_type(path) in INSERT_RANGE_FILESYSTEMS
+
+
+def kill_self() -> None:
+    """Die at once, as ``kill -9`` would (used by the fault-injection points)."""
+    sigkill = getattr(signal, "SIGKILL", None)
+    if sigkill is not None:
+        os.kill(os.getpid(), sigkill)
+    os._exit(137)
