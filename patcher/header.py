@@ -8,14 +8,19 @@ wrapper that reads the length prefix and the header bytes, never the data region
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import re
+import reprlib
 import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain, repeat
+from operator import le, mul, sub
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -31,7 +36,7 @@ ALIGNMENT = 8
 METADATA_KEY = "__metadata__"
 #: Fields of a tensor entry the reference reader deserializes; others are ignored (and kept by us).
 TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
-#: serde_json's default nesting limit: a 129th nested array/object is rejected.
+#: serde_json's default recursion limit: the 128th nested array/object (top level counted) is rejected.
 MAX_JSON_DEPTH = 128
 #: JSON's whitespace: the only bytes allowed around the top-level object (RFC 8259).
 JSON_WHITESPACE = " \t\n\r"
@@ -176,14 +181,73 @@ class _Reject(Exception):
         self.got = got
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _has_lone_surrogate(text: str) -> bool:
     # serde_json rejects "\ud800" style escapes that do not form a pair; Python's json accepts them.
-    return any("\ud800" <= ch <= "\udfff" for ch in text)
+    return _SURROGATE.search(text) is not None
+
+
+# serde_json (as built into safetensors, without its ``float_roundtrip`` feature) reads a number that is not
+# a 64-bit integer as significand * 10**exponent in f64 arithmetic: up to 19-20 leading digits, the rest
+# dropped, then one multiplication by a power of ten. Near f64's maximum that differs from correct rounding
+# (1.7976931348623158e308 is out of range for it), so the check below replays it.
+_U64_TENTH, _U64_LAST = divmod(_U64_MAX, 10)
+_I32_MAX = 2**31 - 1
+_POW10 = tuple(float(f"1e{power}") for power in range(309))
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([-+]?)([0-9]+))?")
+
+
+def _take_digits(significand: int, digits: str) -> tuple[int, int]:
+    """Append ``digits`` to a u64 ``significand`` until one would overflow; return it and how many fit."""
+    taken = 0
+    for char in digits:  # 20 digits fill a u64, so this stops early (leading zeros are stripped by callers)
+        digit = ord(char) - 48
+        if significand > _U64_TENTH or (significand == _U64_TENTH and digit > _U64_LAST):
+            break
+        significand = significand * 10 + digit
+        taken += 1
+    return significand, taken
+
+
+def _serde_in_range(text: str) -> bool:
+    """Return whether serde_json reads the JSON number ``text`` without a "number out of range" error."""
+    match = _NUMBER.fullmatch(text)
+    if match is None:  # not a JSON number: the JSON parser has rejected it already
+        return False
+    whole, fraction, sign, exponent_digits = match.groups()
+    # Integer digits that no longer fit only scale the value.
+    significand, taken = _take_digits(0, whole)
+    exponent = len(whole) - taken
+    if fraction is None and exponent_digits is None and not exponent:
+        return True  # a 64-bit integer: exact
+    if fraction:
+        if not significand:  # "0.000123": leading zeros only move the decimal point
+            zeros = len(fraction) - len(fraction.lstrip("0"))
+            exponent -= zeros
+            fraction = fraction[zeros:]
+        # Fraction digits that no longer fit are dropped.
+        significand, taken = _take_digits(significand, fraction)
+        exponent -= taken
+    if exponent_digits is not None:
+        written = exponent_digits.lstrip("0")
+        if len(written) > 10 or int(written or "0") > _I32_MAX:
+            # An exponent past i32: zero or a negative exponent gives 0.0, anything else is out of range.
+            return significand == 0 or sign == "-"
+        exponent = exponent - int(written or "0") if sign == "-" else exponent + int(written or "0")
+        exponent = max(min(exponent, _I32_MAX), -_I32_MAX - 1)
+    if exponent < 0:
+        return True  # divisions only shrink the value
+    if exponent >= len(_POW10):
+        return significand == 0
+    return not math.isinf(float(significand) * _POW10[exponent])
 
 
 def _parse_float(text: str) -> float:
     value = float(text)
-    if math.isinf(value):
+    # Below 1e308 the truncation and rounding of serde_json cannot reach infinity: skip the replay.
+    if not abs(value) < 1e308 and not _serde_in_range(text):
         raise _Reject("invalid-json", f"number {text[:40]} is out of range")
     return value
 
@@ -196,32 +260,49 @@ def _parse_int(text: str) -> int | float:
 
 
 def _int_out_of_range(value: Any) -> bool:
-    # serde_json reads integers past 64 bits as f64 and rejects those past f64's range.
-    return type(value) is int and abs(value) > _U64_MAX and math.isinf(float(str(value)))
+    # serde_json reads integers past 64 bits as f64 and rejects those past its range.
+    return type(value) is int and abs(value) > _U64_MAX and not _serde_in_range(str(abs(value)))
+
+
+# Bounded repr for values quoted in messages (a hostile shape can nest hundreds of lists).
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 2
+_SHORT.maxlist = 6
 
 
 def _reject_constant(text: str) -> Any:
     raise _Reject("invalid-json", f"{text} is not valid JSON")
 
 
-def _pairs_hook(pairs: list[tuple[str, Any]]) -> _Pairs:
-    return _Pairs(pairs)
+# A JSON object is decoded as the tuple of its (key, value) pairs: duplicate keys stay visible to the
+# validator, and arrays (lists) never look like objects. ``tuple`` itself as the hook costs no Python frame.
+_Object: type[tuple[Any, ...]] = tuple
 
 
-class _Pairs(list[tuple[str, Any]]):
-    """A JSON object as its list of pairs, so duplicates stay visible to the validator."""
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, _Pairs):
-        return 1 + max((_depth(v) for _, v in value), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+def _nesting(value: Any, limit: int) -> int:
+    """Return how deeply arrays and objects nest in ``value``, counting no further than ``limit``."""
+    # Iterative: a hostile header can nest hundreds of levels, more than Python's recursion allows.
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if type(node) is _Object:
+            children = [child for _, child in node]
+        elif type(node) is list:
+            children = node
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest >= limit:
+                break
+        stack.extend((child, depth) for child in children)
+    return deepest
 
 
 def _numbers_ok(value: Any) -> bool:
-    if isinstance(value, _Pairs):
+    if type(value) is _Object:
         return all(_numbers_ok(v) for _, v in value)
     if isinstance(value, list):
         return all(_numbers_ok(v) for v in value)
@@ -231,7 +312,7 @@ def _numbers_ok(value: Any) -> bool:
 def _strings_ok(value: Any) -> bool:
     if isinstance(value, str):
         return not _has_lone_surrogate(value)
-    if isinstance(value, _Pairs):
+    if type(value) is _Object:
         return all(not _has_lone_surrogate(k) and _strings_ok(v) for k, v in value)
     if isinstance(value, list):
         return all(_strings_ok(v) for v in value)
@@ -240,7 +321,7 @@ def _strings_ok(value: Any) -> bool:
 
 def _plain(value: Any) -> Any:
     """Turn parsed pairs back into ordinary dicts (last duplicate wins)."""
-    if isinstance(value, _Pairs):
+    if type(value) is _Object:
         return {k: _plain(v) for k, v in value}
     if isinstance(value, list):
         return [_plain(v) for v in value]
@@ -248,7 +329,7 @@ def _plain(value: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, _Pairs):
+    if type(value) is _Object:
         return "an object"
     if isinstance(value, list):
         return "an array"
@@ -264,17 +345,20 @@ def _describe(value: Any) -> str:
 
 
 _DECODER = json.JSONDecoder(
-    object_pairs_hook=_pairs_hook,
+    object_pairs_hook=_Object,
     parse_float=_parse_float,
     parse_int=_parse_int,
     parse_constant=_reject_constant,
 )
-#: Without the integer hook: used when the text has no negative and no 20-digit number (the common case).
+#: Without the integer hook: used when the text holds no ``-0`` number (the common case).
 _FAST_DECODER = json.JSONDecoder(
-    object_pairs_hook=_pairs_hook,
+    object_pairs_hook=_Object,
     parse_float=_parse_float,
     parse_constant=_reject_constant,
 )
+# A -0 integer token in valid JSON sits between [ , : and , ] } (whitespace allowed); a match inside a
+# string only costs the slower decoder, and dates like "2024-01-05" do not match at all.
+_NEGATIVE_ZERO = re.compile(r"[\[,:][ \t\n\r]*-0[ \t\n\r]*[,\]}]")
 # Lone surrogates can only come from \uD8xx-\uDFxx escapes (strict UTF-8 decoding rejects encoded ones),
 # so a header without such an escape needs no per-character scan.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
@@ -314,6 +398,18 @@ def parse_length_prefix(prefix: bytes, file_size: int | None, *, source: str = "
 
 def parse_header(raw: bytes, file_size: int | None = None, *, source: str = "<bytes>") -> Header:
     """Parse and validate the N header bytes ``raw``; ``file_size`` (if known) must match exactly."""
+    # A FLUX header decodes into ~20,000 containers that cannot form reference cycles; the cyclic collector
+    # would walk them again and again while they are built (about a sixth of the time), so pause it.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse_header(raw, file_size, source)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -336,7 +432,7 @@ def parse_header(raw: bytes, file_size: int | None = None, *, source: str = "<by
     if not stripped.startswith("{"):
         if not stripped:
             raise HeaderError("header is empty or blank", path=source, code="invalid-json")
-        if stripped[0] in "[\"-0123456789tfn":
+        if stripped[0] in '["-0123456789tfn':
             raise HeaderError(
                 "header is not a JSON object",
                 path=source,
@@ -344,11 +440,9 @@ def parse_header(raw: bytes, file_size: int | None = None, *, source: str = "<by
                 expected="an object",
                 got=repr(stripped[:20]),
             )
-        raise HeaderError(
-            "header is not JSON", path=source, code="invalid-json", got=repr(stripped[:20])
-        )
-    # Only "-0" needs the integer hook (serde_json reads it as a float): skip the hook when absent.
-    decoder = _DECODER if "-0" in text else _FAST_DECODER
+        raise HeaderError("header is not JSON", path=source, code="invalid-json", got=repr(stripped[:20]))
+    # Only a -0 number needs the integer hook (serde_json reads it as a float): skip the hook when absent.
+    decoder = _DECODER if "-0" in text and _NEGATIVE_ZERO.search(text) else _FAST_DECODER
     try:
         top, end = decoder.raw_decode(text, leading)
     except _Reject as exc:
@@ -374,7 +468,7 @@ def parse_header(raw: bytes, file_size: int | None = None, *, source: str = "<by
             got=repr(trailing[:12]),
         )
     padding = len(rest)
-    assert isinstance(top, _Pairs)
+    assert type(top) is _Object
     try:
         return _validate(top, raw, padding, leading, file_size, bool(_SURROGATE_ESCAPE.search(text)))
     except _Reject as exc:
@@ -382,51 +476,43 @@ def parse_header(raw: bytes, file_size: int | None = None, *, source: str = "<by
 
 
 def _validate(
-    top: _Pairs, raw: bytes, padding: int, leading: int, file_size: int | None, surrogates: bool
+    top: tuple[tuple[str, Any], ...], raw: bytes, padding: int, leading: int, file_size: int | None, surrogates: bool
 ) -> Header:
     header_len = len(raw)
     metadata: dict[str, str] | None = None
-    has_metadata = False
     metadata_first = True
-    tensors: dict[str, TensorInfo] = {}
-    duplicates: list[str] = []
-    integers: list[Any] = []
-    for index, (name, value) in enumerate(top):
-        if surrogates and _has_lone_surrogate(name):
-            raise _Reject("invalid-json", f"key {name!r} contains a lone surrogate escape")
-        if name == METADATA_KEY:
-            if has_metadata:
-                raise _Reject("duplicate-metadata", "header has more than one __metadata__ key")
-            has_metadata = True
-            metadata_first = index == 0
-            metadata = _validate_metadata(value, surrogates)
-            continue
-        if name in tensors:
-            duplicates.append(name)
-        # Fast path for the layout every writer produces; the integers are range-checked in bulk below.
-        if type(value) is _Pairs and len(value) == 3:
-            (k0, dtype), (k1, shape), (k2, offsets) = value
-            if (
-                k0 == "dtype"
-                and k1 == "shape"
-                and k2 == "data_offsets"
-                and type(dtype) is str
-                and dtype in DTYPE_BITS
-                and type(shape) is list
-                and type(offsets) is list
-                and len(offsets) == 2
-            ):
-                integers.extend(shape)
-                integers.extend(offsets)
-                tensors[name] = TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
-                continue
-        tensors[name] = _validate_entry(name, value, surrogates)
-    if not _all_usize(integers):
-        # Some fast-path entry holds a bad integer: find it with the precise checks for the message.
-        for name, value in top:
-            if name != METADATA_KEY:
-                _validate_entry(name, value, surrogates)
-    data_len = _validate_offsets(tensors)
+    names = [name for name, _ in top]
+    metadata_count = names.count(METADATA_KEY)
+    if metadata_count > 1:
+        raise _Reject("duplicate-metadata", "header has more than one __metadata__ key")
+    entries = top
+    if metadata_count:
+        index = names.index(METADATA_KEY)
+        metadata_first = index == 0
+        metadata = _validate_metadata(top[index][1], surrogates)
+        entries = top[:index] + top[index + 1 :]
+    # The bulk checks cover the layout every writer produces; anything else gets the precise per-entry checks.
+    fast = None if surrogates else _fast_table(entries)
+    data_len: int | None = None
+    if fast is None:
+        tensors = _checked_table(entries, surrogates)
+    else:
+        tensors, data_len = fast
+    duplicates: tuple[str, ...] = ()
+    if len(tensors) != len(entries):
+        seen: set[str] = set()
+        repeated: dict[str, None] = {}
+        for name, _ in entries:
+            if name in seen:
+                repeated[name] = None
+            seen.add(name)
+        duplicates = tuple(repeated)
+    if data_len is None:
+        if fast is not None:
+            # The bulk pass leaves range checks to the offsets check: run the precise entry checks first
+            # (they also cover the overridden entries of a duplicate name, which the reader deserializes too).
+            _checked_table(entries, surrogates)
+        data_len = _validate_offsets(tensors)
     if file_size is not None:
         expected = PREFIX_SIZE + header_len + data_len
         if file_size != expected:
@@ -445,16 +531,107 @@ def _validate(
         raw=raw,
         padding=padding,
         leading_whitespace=leading,
-        duplicate_keys=tuple(dict.fromkeys(duplicates)),
-        has_metadata_key=has_metadata,
+        duplicate_keys=duplicates,
+        has_metadata_key=bool(metadata_count),
         metadata_first=metadata_first,
     )
+
+
+_BITS = dict(DTYPE_BITS)
+# Real tensors have a handful of dims. Past this, the product is left to the checked loop, which stops at
+# the first overflow instead of multiplying out (say) 100,000 dims of 2**64 - 1.
+_FAST_MAX_DIMS = 16
+_make_info = partial(tuple.__new__, TensorInfo)
+
+
+def _fast_table(entries: tuple[tuple[str, Any], ...]) -> tuple[dict[str, TensorInfo], int | None] | None:
+    """Return the tensor table and data length when every entry is a plain valid entry, else None.
+
+    "Plain" is the layout every writer produces: exactly ``dtype``, ``shape``, ``data_offsets`` in that
+    order, a known dtype, non-negative integers. The data length is None when the offsets or sizes need
+    the precise check (duplicate names, a hole, a size mismatch, a zero-element tensor).
+    """
+    # One lean pass per entry, the integer checks in bulk afterwards: a FLUX header has 2,600 entries.
+    tensors: dict[str, TensorInfo] = {}
+    shapes: list[list[Any]] = []
+    begins: list[Any] = []
+    ends: list[Any] = []
+    bits_per_element: list[int] = []
+    try:
+        for name, value in entries:
+            if type(value) is not _Object or len(value) != 3:
+                return None
+            (k0, dtype), (k1, shape), (k2, offsets) = value
+            if (
+                k0 != "dtype"
+                or k1 != "shape"
+                or k2 != "data_offsets"
+                or type(shape) is not list
+                or type(offsets) is not list
+                or len(offsets) != 2
+            ):
+                return None
+            bits = _BITS.get(dtype)  # TypeError for an unhashable dtype: not plain either
+            if bits is None or type(dtype) is not str:
+                return None
+            begin, end = offsets
+            shapes.append(shape)
+            begins.append(begin)
+            ends.append(end)
+            bits_per_element.append(bits)
+            tensors[name] = _make_info((dtype, tuple(shape), (begin, end), ()))
+    except TypeError:  # an unhashable dtype (an array or an object holding one)
+        return None
+    dims = list(chain.from_iterable(shapes))
+    # Only integers from here on: a product over ["2", 2**40] would build a string of 2**40 characters.
+    if (set(map(type, begins)) | set(map(type, ends)) | set(map(type, dims))) - {int} or (dims and min(dims) < 0):
+        return None
+    if not tensors:
+        return tensors, 0
+    if len(tensors) != len(entries):
+        # The last of duplicate names wins: only the survivors' offsets count, as in the reader.
+        return tensors, None
+    if max(map(len, shapes)) > _FAST_MAX_DIMS:
+        return tensors, None
+    nbits = list(map(mul, map(math.prod, shapes), bits_per_element))
+    return tensors, _fast_extent(nbits, begins, ends)
+
+
+def _fast_extent(nbits: list[int], begins: list[int], ends: list[int]) -> int | None:
+    """Return the data length if the offsets tile the data region and every size matches, else None."""
+    if not all(map(le, begins, ends)):
+        return None
+    # Sorted by (begin, end), each tensor must start where the previous one ended, the first at 0. Writers
+    # list tensors in offset order, and with begin <= end a chain that holds in header order holds sorted.
+    if begins[0] != 0 or begins[1:] != ends[:-1]:
+        ordered = sorted(zip(begins, ends, strict=True))
+        sorted_begins = [begin for begin, _ in ordered]
+        sorted_ends = [end for _, end in ordered]
+        if sorted_begins[0] != 0 or sorted_begins[1:] != sorted_ends[:-1]:
+            return None
+    # Zero elements may hide an overflow of the running product ([2**40, 2**40, 0]): leave it to the slow
+    # check. Otherwise every dimension is at most the product, so bits <= 2**64 - 1 bounds them all.
+    if 0 in nbits or max(nbits) > _U64_MAX or max(ends) > _U64_MAX:
+        return None
+    if nbits != list(map(mul, map(sub, ends, begins), repeat(8))):
+        return None
+    return max(ends)
+
+
+def _checked_table(entries: tuple[tuple[str, Any], ...], surrogates: bool) -> dict[str, TensorInfo]:
+    """Return the tensor table, raising the precise error for the first bad entry."""
+    tensors: dict[str, TensorInfo] = {}
+    for name, value in entries:
+        if surrogates and _has_lone_surrogate(name):
+            raise _Reject("invalid-json", f"key {name!r} contains a lone surrogate escape")
+        tensors[name] = _validate_entry(name, value, surrogates)
+    return tensors
 
 
 def _validate_metadata(value: Any, surrogates: bool) -> dict[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, _Pairs):
+    if type(value) is not _Object:
         raise _Reject("bad-metadata", "__metadata__ is not an object", expected="an object", got=_describe(value))
     out: dict[str, str] = {}
     for key, item in value:
@@ -472,7 +649,7 @@ def _validate_metadata(value: Any, surrogates: bool) -> dict[str, str] | None:
 
 
 def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
-    if type(value) is not _Pairs:
+    if type(value) is not _Object:
         raise _Reject("bad-entry", f"tensor {name!r} is not an object", expected="an object", got=_describe(value))
     extra: dict[str, Any] = {}
     if len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
@@ -487,7 +664,8 @@ def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
                 known[key] = item
             else:
                 if (
-                    _depth(item) + 2 > MAX_JSON_DEPTH
+                    # The top-level object and the entry are two levels already (checked against the oracle).
+                    _nesting(item, MAX_JSON_DEPTH - 2) >= MAX_JSON_DEPTH - 2
                     or not _numbers_ok(item)
                     or (surrogates and not (_strings_ok(item) and _strings_ok(key)))
                 ):
@@ -509,13 +687,13 @@ def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
         raise _Reject(
             "bad-shape",
             f"tensor {name!r} shape is not a list of non-negative integers",
-            got=_describe(shape) if type(shape) is not list else str(shape)[:60],
+            got=_describe(shape) if type(shape) is not list else _SHORT.repr(shape),
         )
     if type(offsets) is not list or len(offsets) != 2 or not _all_usize(offsets):
         raise _Reject(
             "bad-offsets",
             f"tensor {name!r} data_offsets is not a pair of non-negative integers",
-            got=_describe(offsets) if type(offsets) is not list else str(offsets)[:60],
+            got=_describe(offsets) if type(offsets) is not list else _SHORT.repr(offsets),
         )
     return TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]), tuple(extra.items()))
 
@@ -541,14 +719,13 @@ def _validate_offsets(tensors: Mapping[str, TensorInfo]) -> int:
                 "invalid-offset", f"data_offsets {what}", expected=f"begin {position}", got=list(info.data_offsets)
             )
         position = end
-        count = math.prod(info.shape)
-        if count > _U64_MAX or (count == 0 and len(info.shape) > 1):
-            # The reader multiplies left to right with checked_mul: [2**40, 2**40, 0] overflows before the 0.
-            running = 1
-            for dim in info.shape:
-                running *= dim
-                if running > _U64_MAX:
-                    raise _Reject("overflow", f"tensor {name!r} element count overflows 64 bits")
+        # The reader multiplies left to right with checked_mul: [2**40, 2**40, 0] overflows before the 0.
+        # Stopping at the first overflow also keeps a shape of 100,000 huge dims from costing minutes.
+        count = 1
+        for dim in info.shape:
+            count *= dim
+            if count > _U64_MAX:
+                raise _Reject("overflow", f"tensor {name!r} element count overflows 64 bits")
         bits = count * DTYPE_BITS[info.dtype]
         if bits > _U64_MAX:
             raise _Reject("overflow", f"tensor {name!r} bit count overflows 64 bits")
@@ -558,7 +735,7 @@ def _validate_offsets(tensors: Mapping[str, TensorInfo]) -> int:
             raise _Reject(
                 "size-mismatch",
                 f"tensor {name!r} byte range does not match its shape and dtype",
-                expected=f"{bits // 8} bytes ({info.dtype} {list(info.shape)})",
+                expected=f"{bits // 8} bytes ({info.dtype} {_SHORT.repr(list(info.shape))})",
                 got=f"{end - begin} bytes",
             )
     return position
