@@ -7,14 +7,14 @@ writer. Everything here is pure except the config resolution, which ``patcher.re
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from . import contract, metadata, resolve
 from .errors import ConfigError, InferenceError, PatchError, UsageError
-from .facts import MODEL_CLASS, Family, Finding, Inference, Precision, Severity
+from .facts import MODEL_CLASS, Fact, Family, Finding, Inference, Precision, Severity
 from .header import Header, metadata_equal
 from .inspect import infer
 
@@ -80,6 +80,8 @@ class Planner:
         self.options = options
         self.log = log
         self._configs: dict[tuple[object, ...], resolve.ResolvedConfig] = {}
+        #: The config every file shares, once :meth:`prepare` resolved it (explicit options only).
+        self._shared: resolve.ResolvedConfig | None = None
         self._comfy_text: str | None = None
         if options.comfy_config is not None:
             self._comfy_text = _read_text(options.comfy_config, what="comfy_config file")
@@ -87,25 +89,62 @@ class Planner:
                 json.loads(self._comfy_text)
             except ValueError as exc:
                 raise ConfigError(
-                    f"comfy_config file is not valid JSON: {exc}", path=options.comfy_config
+                    f"comfy_config file is not valid JSON: {exc}",
+                    path=options.comfy_config,
+                    hint="pass a comfy_config.json (a JSON object), or drop --comfy-config to generate one",
                 ) from None
+
+    def prepare(self) -> None:
+        """Resolve up front a config named by the options alone, so a bad option fails once, as a usage error.
+
+        ``--config``, ``--model-path``, ``--model`` and YAMLs naming a pipeline do not depend on the file: a batch
+        shares their config, and a problem with them (missing file, unknown name) is the options' fault, not each
+        file's. Without this call :meth:`plan` resolves lazily and reports such problems per file.
+        """
+        opts = self.options
+        if self._shared is not None or not (opts.config or opts.model_path or opts.model or opts.config_yaml):
+            return
+        try:
+            if not (opts.config or opts.model_path or opts.model):
+                yaml = resolve.read_yaml_facts(opts.config_yaml, log=lambda _line: None)
+                if not (yaml.pipeline_name or yaml.pipeline_path):
+                    return  # quantization settings only: the model still comes from each file's header
+            self._shared = resolve.resolve_config(self._request(None, resolve.HeaderFacts()), log=self.log)
+        except UsageError:
+            raise
+        except PatchError as exc:
+            raise _as_usage(exc) from None
 
     def plan(self, path: str, header: Header) -> PatchPlan:
         """Return the plan for one file whose header has been read."""
         inference = infer(header)
         opts = self.options
-        resolved = self._resolve(path, inference)
+        if not inference.quantized and inference.family is None and not opts.force:
+            # Nothing to recognise: every model would "fit", and the metadata would describe weights that aren't there.
+            raise InferenceError(
+                "is not an SVDQuant (Nunchaku) conversion: no quantized layer and no known model's tensor names",
+                path=path,
+                code="not-svdquant",
+                expected="W4A4 layers (*.qweight with *.wscales and a low-rank branch)",
+                got=f"{len(header.tensors):,} tensor(s) of another kind",
+                hint="nunchaku-patch only adds metadata to Nunchaku SVDQuant files; check that this is the right file",
+            )
+        kept = self._kept(path, header, inference)
+        if kept is not None:
+            return kept
+        resolved = self._own_config(header, inference) or self._resolve(path, inference)
         config = resolved.config
         family = _family(inference, resolved, path)
         findings = list(contract.check_config_against_header(config, inference))
         errors = [f for f in findings if f.severity is Severity.ERROR]
         if errors and not opts.force:
-            first = errors[0]
+            more = f" (and {len(errors) - 1} more mismatch{'es' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
             raise ConfigError(
-                f"config from {resolved.source} does not match the tensors: {first.message}",
+                f"{errors[0].message}{more}",
                 path=path,
                 code="config-mismatch",
-                hint="name the right model with --model or --config, or use --force to write it anyway",
+                hint=f"config used: {resolved.source}; name the right model with --model or --config, "
+                "or pass --force to write it anyway",
             )
         try:
             precision, rank = metadata.choose_quantization(
@@ -143,31 +182,114 @@ class Planner:
             findings=findings,
         )
 
-    def _resolve(self, path: str, inference: Inference) -> resolve.ResolvedConfig:
+    def _names_config(self) -> bool:
+        """Return whether the options say where the config comes from."""
         opts = self.options
-        facts = resolve.HeaderFacts.from_inference(inference)
-        # Explicit sources do not depend on the file, so a batch resolves them once.
-        explicit = bool(opts.config or opts.model_path or opts.config_yaml or opts.model)
-        filename = os.path.basename(path)
-        key: tuple[object, ...] = ("explicit",) if explicit else (facts, filename)
-        cached = self._configs.get(key)
-        if cached is not None:
-            return cached
-        request = resolve.ConfigRequest(
+        return bool(opts.config or opts.model_path or opts.model or opts.config_yaml)
+
+    def _kept(self, path: str, header: Header, inference: Inference) -> PatchPlan | None:
+        """Return an unchanged plan when the file already satisfies every loader and no option asks for a change.
+
+        Without this, a batch over a folder mixing old and already-patched files would rewrite the good ones
+        with a re-derived config (cosmetic differences, or a fine-tune's own config replaced by the base model's).
+        """
+        opts = self.options
+        overrides = opts.precision or opts.rank or opts.model_class or opts.comfy_config or opts.compat_fields
+        if self._names_config() or overrides or header.metadata is None or "config" not in header.metadata:
+            return None
+        report = contract.validate_metadata(header.metadata, inference)
+        if report.needs_work or report.family is None or inference.precision is None or inference.rank is None:
+            return None
+        kept = dict(header.metadata)
+        return PatchPlan(
+            path=path,
+            header=header,
+            inference=inference,
+            family=report.family,
+            precision=inference.precision.value,
+            rank=inference.rank.value,
+            config_source="the config already in the file",
+            model_name=None,
+            new_metadata=kept,
+            changes=metadata.metadata_changes(kept, kept),
+            findings=list(report.findings),
+        )
+
+    def _own_config(self, header: Header, inference: Inference) -> resolve.ResolvedConfig | None:
+        """Return the file's own ``config`` entry when no option names one and it agrees with the tensors."""
+        text = (header.metadata or {}).get("config")
+        if self._names_config() or text is None:
+            return None
+        try:
+            config = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(config, dict) or any(
+            f.severity is Severity.ERROR for f in contract.check_config_against_header(config, inference)
+        ):
+            return None
+        line = "No model named; using the config already in the file (it matches the tensors)"
+        self.log(line)
+        return resolve.ResolvedConfig(
+            text=text, config=config, source="the config already in the file", model=None, log=(line,)
+        )
+
+    def _request(self, path: str | None, facts: resolve.HeaderFacts) -> resolve.ConfigRequest:
+        opts = self.options
+        return resolve.ConfigRequest(
             config_file=opts.config,
             model_path=opts.model_path,
             config_yaml=list(opts.config_yaml),
             model=opts.model,
             allow_download=opts.allow_download,
-            filename=filename,
+            filename=path,  # the whole path: errors name it as the user gave it, the folder's name is a hint too
             facts=facts,
         )
+
+    def _resolve(self, path: str, inference: Inference) -> resolve.ResolvedConfig:
+        if self._shared is not None:
+            return self._shared
+        opts = self.options
+        facts = resolve.HeaderFacts.from_inference(inference)
+        # --config/--model-path/--model do not depend on the file, so a batch resolves them once; otherwise the
+        # header facts and the file and folder names (tie-breaking hints) decide, YAMLs without a pipeline included.
+        explicit = bool(opts.config or opts.model_path or opts.model)
+        key: tuple[object, ...] = ("explicit",) if explicit else (facts, path)
+        cached = self._configs.get(key)
+        if cached is not None:
+            return cached
         try:
-            resolved = resolve.resolve_config(request, log=self.log)
+            resolved = resolve.resolve_config(self._request(path, facts), log=self.log)
         except PatchError as exc:
             raise (exc if explicit else exc.with_path(path)) from None
         self._configs[key] = resolved
         return resolved
+
+
+def _as_usage(exc: PatchError) -> UsageError:
+    """Return ``exc`` as a usage error (same message, code and hint): the options themselves are wrong."""
+    return UsageError(exc.message, path=exc.path, code=exc.code, expected=exc.expected, got=exc.got, hint=exc.hint)
+
+
+def _fact_json(fact: Fact[Any] | None) -> dict[str, Any] | None:
+    if fact is None:
+        return None
+    value = fact.value.value if isinstance(fact.value, Family) else fact.value
+    return {"value": value, "evidence": list(fact.evidence), "note": fact.note}
+
+
+def inference_json(inference: Inference) -> dict[str, Any]:
+    """Return what the tensors say as JSON: ``{fact: {value, evidence, note} | null, ...}`` plus flags."""
+    out: dict[str, Any] = {}
+    for item in fields(inference):
+        value = getattr(inference, item.name)
+        if isinstance(value, Fact) or value is None:
+            out[item.name] = _fact_json(value)
+        elif isinstance(value, tuple):
+            out[item.name] = list(value)
+        else:
+            out[item.name] = value
+    return out
 
 
 def _yaml_mapping(facts: resolve.YamlFacts | None) -> dict[str, object] | None:
@@ -196,9 +318,9 @@ def _read_text(path: str, *, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError(f"{what} not found", path=path) from None
+        raise UsageError(f"{what} not found", path=path, code="not-found", hint="check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {what}: {exc}", path=path) from None
 
 
-__all__ = ["PatchOptions", "PatchPlan", "Planner"]
+__all__ = ["PatchOptions", "PatchPlan", "Planner", "inference_json"]

@@ -20,6 +20,10 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     #: At least one file failed (bad input, refused write, I/O error).
     FAILED = 3
+    #: Stopped by Ctrl-C (128 + SIGINT, the shell convention).
+    INTERRUPTED = 130
+    #: The reader of stdout went away (``| head``): 128 + SIGPIPE, as if the signal had ended the process.
+    PIPE_CLOSED = 141
 
 
 class Status(str, enum.Enum):
@@ -38,15 +42,37 @@ class Status(str, enum.Enum):
         return self.value
 
 
-#: Statuses that make ``--check`` / ``validate`` exit with NEEDS_WORK.
-_NEEDS_WORK = frozenset({Status.WOULD_PATCH, Status.INVALID})
+#: The order statuses appear in the summary line.
+_SUMMARY_ORDER = (
+    Status.PATCHED,
+    Status.WOULD_PATCH,
+    Status.RESTORED,
+    Status.UNCHANGED,
+    Status.VALID,
+    Status.INVALID,
+    Status.INSPECTED,
+    Status.FAILED,
+)
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
     """Map an exception to the exit code it causes (usage problems vs failed files)."""
     if isinstance(error, UsageError):
         return ExitCode.USAGE
+    if isinstance(error, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
     return ExitCode.FAILED
+
+
+def error_json(error: PatchError) -> dict[str, Any]:
+    """Return the ``--json`` form of an error: its code, the one-line message, and its parts."""
+    return {
+        "code": error.code,
+        "message": error.render(),
+        "expected": None if error.expected is None else str(error.expected),
+        "got": None if error.got is None else str(error.got),
+        "hint": error.hint,
+    }
 
 
 @dataclass
@@ -55,25 +81,33 @@ class Record:
 
     path: str
     status: Status
+    #: The write strategy used (or that would be used): ``fit``, ``insert``, ``copy``, ``output``.
     strategy: str | None = None
-    message: str = ""
+    #: Command-specific fields (inferred facts, header sizes, verdicts...), merged into the JSON record.
     details: dict[str, Any] = field(default_factory=dict)
+    #: Findings about the file (config checks, loader contract), each ``{severity, code, message, scope}``.
+    findings: list[dict[str, Any]] = field(default_factory=list)
     error: PatchError | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Return the machine-readable form (stable keys)."""
+        """Return the machine-readable form: ``path``, ``status``, ``strategy``, details, ``findings``, ``error``."""
         out: dict[str, Any] = {"path": self.path, "status": self.status.value, "strategy": self.strategy}
         out.update(self.details)
-        out["error"] = (
-            {"code": self.error.code, "message": self.error.render()} if self.error is not None else None
-        )
+        # Callers that put findings in ``details`` (the merge command) keep them.
+        out["findings"] = list(self.findings) if self.findings else list(self.details.get("findings", []))
+        out["error"] = error_json(self.error) if self.error is not None else None
         return out
 
 
 @dataclass
 class Report:
-    """Counts outcomes over a run and owns the exit code (like black's Report)."""
+    """Count outcomes over a run and own the exit code (like black's Report).
 
+    ``check``: whether files that would change count as needing work (exit 1). ``patch`` sets it only for
+    ``--check``, so a plain ``--dry-run`` exits 0.
+    """
+
+    check: bool = True
     records: list[Record] = field(default_factory=list)
 
     def add(self, record: Record) -> Record:
@@ -92,24 +126,15 @@ class Report:
         statuses = {r.status for r in self.records}
         if Status.FAILED in statuses:
             return ExitCode.FAILED
-        if statuses & _NEEDS_WORK:
+        if Status.INVALID in statuses or (self.check and Status.WOULD_PATCH in statuses):
             return ExitCode.NEEDS_WORK
         return ExitCode.OK
 
     def summary(self) -> str:
         """Return a line like ``3 patched, 12 already correct, 1 failed``."""
         counts = self.counts
-        order = [
-            Status.PATCHED,
-            Status.WOULD_PATCH,
-            Status.RESTORED,
-            Status.UNCHANGED,
-            Status.VALID,
-            Status.INVALID,
-            Status.INSPECTED,
-            Status.FAILED,
-        ]
-        parts = [f"{counts[s]} {s.value}" for s in order if counts[s]]
-        if not parts:
-            return "no files"
-        return ", ".join(parts)
+        parts = [f"{counts[s]} {s.value}" for s in _SUMMARY_ORDER if counts[s]]
+        return ", ".join(parts) if parts else "no files"
+
+
+__all__ = ["ExitCode", "Record", "Report", "Status", "error_json", "exit_code_for"]
