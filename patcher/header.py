@@ -16,6 +16,7 @@ import re
 import reprlib
 import stat
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -831,11 +832,38 @@ def _read_exact(f: Any, size: int) -> bytes:
     return b"".join(chunks)
 
 
+#: How long an open waits while another nunchaku-patch holds a write lease (its insert takes milliseconds).
+LEASE_PATIENCE = 5.0
+
+
+def open_nonblocking(name: str, flags: int, *, patience: float = LEASE_PATIENCE) -> int:
+    """Open with O_NONBLOCK (a FIFO must not hang us), waiting out a write lease held by another patcher.
+
+    On Linux a non-blocking open of a file under a lease fails with EWOULDBLOCK instead of waiting for the
+    lease holder; ours are held only for the few milliseconds of an insert-range, so retry briefly.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return os.open(name, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
     """Open ``path`` without blocking on FIFOs and return the fd, refusing anything but a regular file."""
     name = os.fspath(path)
     try:
-        fd = os.open(name, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd = open_nonblocking(name, flags)
+    except BlockingIOError:
+        raise HeaderError(
+            "another process holds a lease on the file",
+            path=name,
+            code="locked",
+            hint="another nunchaku-patch may be writing it: try again",
+        ) from None
     except FileNotFoundError:
         raise HeaderError("no such file", path=name, code="not-found") from None
     except IsADirectoryError:

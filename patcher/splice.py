@@ -49,6 +49,7 @@ from .header import (
     Header,
     check_metadata,
     metadata_equal,
+    open_nonblocking,
     pack_prefix,
     parse_header,
     parse_length_prefix,
@@ -458,7 +459,12 @@ class _Handle:
 
 def _open_file(path: str, flags: int) -> int:
     """Open a regular file without blocking on FIFOs; OSError for the caller to translate."""
-    fd = os.open(path, flags | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
+    try:
+        fd = open_nonblocking(path, flags | _O_CLOEXEC)
+    except BlockingIOError:
+        raise LockedError(
+            "another nunchaku-patch is writing this file (it holds a lease)", path=path, hint="try again"
+        ) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise WriteError("is not a regular file", path=path, code="not-a-file")
