@@ -886,3 +886,9 @@ def _size(n: int) -> str:
 
 
 __all__ = ["Console", "main"]
+
+
+# Registered last: cli_merge reuses this module's Console and helpers, so it must import a complete module.
+from .cli_merge import merge_command  # noqa: E402
+
+main.add_command(merge_command)
