@@ -341,9 +341,17 @@ def _from_folder(folder: Path, label: KnownModel | None, log: _Log) -> _Found:
 
 def _from_hub(repo_id: str, files: Sequence[str], allow_download: bool, log: _Log) -> _Found | None:
     """Return the config of ``repo_id`` from the local cache, or downloaded when allowed; ``None`` when neither."""
+    cache = hf_cache_dir()
+    # Importing huggingface_hub costs ~0.2 s, more than the whole patch: skip it when the cache cannot hold the
+    # repo at all (its folder, named by the library's own layout, is absent) and no download is allowed.
+    # (Ids with "--" or ".." are left to the library, which rejects them with its own message.)
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    plain_id = "--" not in repo_id and ".." not in repo_id
+    if plain_id and not allow_download and not folder.is_dir():
+        log(f"{repo_id} has no {' or '.join(files)} in the local Hugging Face cache ({cache})")
+        return None
     import huggingface_hub as hub
 
-    cache = hf_cache_dir()
     for relative in files:
         try:
             hit = hub.try_to_load_from_cache(repo_id, relative, cache_dir=cache)
