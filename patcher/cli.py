@@ -474,7 +474,12 @@ def _read_header(path: str) -> Header:
                 "has an interrupted patch: its header is half-written (the tensor data is intact)",
                 path=path,
                 code="interrupted",
-                hint=f"run `nunchaku-patch restore {path}` or the same patch command again to finish it",
+                hint=(
+                    f"run `nunchaku-patch restore --follow-symlinks {path}` or the same patch command (with "
+                    "--follow-symlinks) again to finish it"
+                    if os.path.islink(path)
+                    else f"run `nunchaku-patch restore {path}` or the same patch command again to finish it"
+                ),
             ) from None
 
 
