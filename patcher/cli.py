@@ -322,25 +322,22 @@ def patch_command(
             "--backup and -o/--output do not mix: -o never changes the source, so there is "
             "nothing to back up. drop --backup",
         )
-    options = PatchOptions(
-        model=model,
-        model_path=model_path,
-        config=config_file,
-        config_yaml=config_yaml,
-        precision=precision,  # type: ignore[arg-type]  # click.Choice restricts it to Precision
-        rank=rank,
-        model_class=model_class,
-        comfy_config=comfy_config,
-        compat_fields=compat_fields,
-        allow_download=allow_download,
-        force=force,
+    planner = make_planner(
+        console,
+        PatchOptions(
+            model=model,
+            model_path=model_path,
+            config=config_file,
+            config_yaml=config_yaml,
+            precision=precision,  # type: ignore[arg-type]  # click.Choice restricts it to Precision
+            rank=rank,
+            model_class=model_class,
+            comfy_config=comfy_config,
+            compat_fields=compat_fields,
+            allow_download=allow_download,
+            force=force,
+        ),
     )
-    try:
-        planner = Planner(options, log=console.log)
-        planner.prepare()
-    except PatchError as exc:
-        # Options that name a config are the same for every file: a problem with them is a usage error.
-        _fail(console, exc, ExitCode.USAGE)
     writing = not (dry_run or check)
     report = Report(check=check)  # a plain dry run exits 0: only --check turns found work into exit 1
     files = _collect(paths, report, console)
@@ -481,6 +478,17 @@ def _read_header(path: str) -> Header:
                     else f"run `nunchaku-patch restore {path}` or the same patch command again to finish it"
                 ),
             ) from None
+
+
+def make_planner(console: Console, options: PatchOptions) -> Planner:
+    """Return a Planner whose option-named config is resolved; a problem with it is a usage error (exit 2)."""
+    try:
+        planner = Planner(options, log=console.log)
+        planner.prepare()
+    except PatchError as exc:
+        # Options that name a config are the same for every file: a problem with them is a usage error.
+        _fail(console, exc, ExitCode.USAGE)
+    return planner
 
 
 def _layout_line(result: splice.WriteResult) -> str:

@@ -17,19 +17,19 @@ from . import merge
 from .cli import (
     CONTEXT_SETTINGS,
     Console,
-    _fail,
     _findings_json,
     _output_options,
     _run_one,
     _size,
     _summarize,
     _usage_error,
+    make_planner,
 )
 from .errors import PatchError
 from .facts import PRECISIONS, Severity
 from .metadata import diff_metadata
 from .plan import PatchOptions, Planner
-from .report import ExitCode, Record, Report, Status
+from .report import Record, Report, Status
 
 #: The strategy named in records: the data regions are copied, never decoded.
 STRATEGY = "merge"
@@ -183,12 +183,7 @@ def merge_command(
         allow_download=allow_download,
         force=force,
     )
-    try:
-        planner = Planner(options, log=console.log)
-        planner.prepare()
-    except PatchError as exc:
-        # Options that name a config are the same for every folder: a problem with them is a usage error.
-        _fail(console, exc, ExitCode.USAGE)
+    planner = make_planner(console, options)
     report = Report(check=False)  # as for patch: a plain --dry-run exits 0
     folders: list[str] = []
     for raw in paths:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -35,6 +36,37 @@ MODEL_CLASS: dict[Family, str] = {
     Family.SANA: "NunchakuSanaTransformer2DModel",
     Family.SDXL: "NunchakuSDXLUNet2DConditionModel",
     Family.T5: "NunchakuT5EncoderModel",
+}
+
+
+#: Parameter defaults of the diffusers classes whose configs differ only by omitted defaults
+#: (``FluxTransformer2DModel.__init__`` and ``QwenImageTransformer2DModel.__init__`` in diffusers).
+#: Classes not listed are compared field by field as written.
+CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "FluxTransformer2DModel": {
+        "patch_size": 1,
+        "in_channels": 64,
+        "out_channels": None,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": False,
+        "axes_dims_rope": [16, 56, 56],
+    },
+    "QwenImageTransformer2DModel": {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": 60,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 3584,
+        "guidance_embeds": False,
+        "axes_dims_rope": [16, 56, 56],
+    },
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from .errors import ConfigError, InferenceError, UsageError
-from .facts import MODEL_CLASS, PRECISIONS, Fact, Family, Inference, Precision
+from .facts import CLASS_DEFAULTS, MODEL_CLASS, PRECISIONS, Fact, Family, Inference, Precision
 
 # --------------------------------------------------------------------------------------------
 # Names of things
@@ -64,19 +64,7 @@ PRECISION_ALIASES: Final[Mapping[str, Precision]] = {
 }
 
 #: Defaults of diffusers' ``FluxTransformer2DModel.__init__``: ``from_config`` fills in missing keys with these.
-FLUX_DEFAULTS: Final[Mapping[str, Any]] = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "out_channels": None,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": False,
-    "axes_dims_rope": [16, 56, 56],
-}
+FLUX_DEFAULTS: Final[Mapping[str, Any]] = CLASS_DEFAULTS["FluxTransformer2DModel"]
 #: ComfyUI's Flux ``model_class`` for guidance-distilled (dev-like) and timestep-distilled (schnell-like) models.
 COMFY_FLUX_CLASSES: Final = ("Flux", "FluxSchnell")
 

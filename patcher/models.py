@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Any
 
 from .errors import ConfigError
-from .facts import MODEL_CLASS, Family
+from .facts import CLASS_DEFAULTS, MODEL_CLASS, Family
 
 #: Package folder holding the verbatim configs and ``index.json``.
 CONFIG_PACKAGE = "patcher"
@@ -32,36 +32,6 @@ INDEX_FILE = "index.json"
 
 #: Config keys that are diffusers bookkeeping, not architecture (every other ``_``-key except ``_class_name`` too).
 BOOKKEEPING_KEYS = frozenset({"_diffusers_version", "_name_or_path"})
-
-#: Parameter defaults of the diffusers classes whose configs differ only by omitted defaults
-#: (``FluxTransformer2DModel.__init__`` and ``QwenImageTransformer2DModel.__init__`` in diffusers).
-#: Classes not listed are compared field by field as written.
-CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
-    "FluxTransformer2DModel": {
-        "patch_size": 1,
-        "in_channels": 64,
-        "out_channels": None,
-        "num_layers": 19,
-        "num_single_layers": 38,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 4096,
-        "pooled_projection_dim": 768,
-        "guidance_embeds": False,
-        "axes_dims_rope": [16, 56, 56],
-    },
-    "QwenImageTransformer2DModel": {
-        "patch_size": 2,
-        "in_channels": 64,
-        "out_channels": 16,
-        "num_layers": 60,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 3584,
-        "guidance_embeds": False,
-        "axes_dims_rope": [16, 56, 56],
-    },
-}
 
 #: Keys a class's ``from_config`` drops as unexpected: Qwen-Image's first config carried Flux's
 #: ``pooled_projection_dim``, which ``QwenImageTransformer2DModel`` has no parameter for.
