@@ -579,10 +579,14 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def main_comparison(setup: Setup, main: BenchFile, spare: BenchFile, metadata_file: Path) -> list[Method]:
-    """Measure every method on ``main`` (``spare`` takes the in-place copy), interleaved over rounds."""
+def main_comparison(
+    setup: Setup, main: BenchFile, spare: BenchFile, metadata_file: Path, folder: Path
+) -> list[Method]:
+    """Measure every method on ``main`` (``spare`` takes the in-place copy, ``folder`` the merge), interleaved."""
     out = setup.work / "out.safetensors"
     size = main.path.stat().st_size
+    folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    merge_argv = [*setup.cli, "merge", str(folder), *setup.cli_extra, "--model", MODEL, "-q", "--json", "-o", str(out)]
     resave = _RESAVE_TORCH if setup.resave_kind.startswith("safetensors.torch") else _RESAVE_NUMPY
     resave_args = json.dumps({"src": str(main.path), "dst": str(out), "metadata": str(metadata_file)})
 
@@ -620,6 +624,17 @@ def main_comparison(setup: Setup, main: BenchFile, spare: BenchFile, metadata_fi
             after=drop_out,
             strategy="output",
             moved=size,
+        ),
+        Method(
+            "cli-merge",
+            "nunchaku-patch merge (deepcompressor folder -> one file)",
+            "process, start to exit",
+            drop_out,
+            lambda: merge_argv,
+            after=drop_out,
+            strategy="merge",
+            moved=folder_bytes,
+            source=folder / "transformer_blocks.safetensors",
         ),
         Method(
             "api-copy",
@@ -1110,7 +1125,7 @@ def evaluate(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     targets.append(target("CLI peak RSS, any file size (max)", max(cli_rss), TARGET_RSS_MIB, "MiB", False))
     for splice in ("api-insert", "api-fit", "api-insert-preloaded", "api-fit-preloaded"):
         targets.append(target(rows[splice]["label"], median(splice), TARGET_SPLICE_S, "s", False))
-    for copy in ("api-copy", "cli-output"):
+    for copy in ("api-copy", "cli-output", "cli-merge"):
         targets.append(
             target(
                 f"{rows[copy]['label']}: throughput vs cp", median("cp") / median(copy), TARGET_COPY_RATIO, "x", True
@@ -1372,8 +1387,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scale = 1.0 if args.size == "full" else SMALL_SCALE
     tensors = build_tensors(scale)
     data_bytes = synth.data_size(tensors)
-    # The bench file, its copy for the in-place copy path, and one transient copy at a time.
-    needed = 3 * data_bytes + 2 * GB
+    # The bench file, its copy for the in-place copy path, the merge folder, and one transient copy at a time.
+    needed = 4 * data_bytes + 2 * GB
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise BenchError(f"{parent}: {fmt_bytes(free)} free, the benchmark needs about {fmt_bytes(needed)}")
@@ -1430,7 +1445,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fsync_path(spare_path)
         spare = BenchFile(spare_path, tensors)
 
-        methods = main_comparison(setup, bench, spare, metadata_file)
+        folder = work / "svdq-int4-flux.1-dev"
+        folder.mkdir()
+        note("writing a deepcompressor-style folder (transformer_blocks + unquantized_layers) for the merge row")
+        blocks = {
+            name: (info.dtype, tuple(info.shape))
+            for name, info in tensors.items()
+            if name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        }
+        rest = {name: (info.dtype, tuple(info.shape)) for name, info in tensors.items() if name not in blocks}
+        for part, table, seed in (("transformer_blocks", blocks, 1), ("unquantized_layers", rest, 2)):
+            part_path = folder / f"{part}.safetensors"
+            synth.write_random(part_path, synth.table_to_tensors(table), seed=args.seed + seed)
+            fsync_path(part_path)
+
+        methods = main_comparison(setup, bench, spare, metadata_file, folder)
 
         # Leave the bench file patched by the CLI (the state --keep shows), then check no tensor byte moved.
         bench.tight()
