@@ -412,7 +412,12 @@ def _patch_one(
         console.status(f"would patch {path}{target} ({result.strategy.value})")
         return record
     result = splice.write_metadata(
-        path, plan.new_metadata, output=output, backup=backup, follow_symlinks=follow_symlinks
+        path,
+        plan.new_metadata,
+        output=output,
+        backup=backup,
+        follow_symlinks=follow_symlinks,
+        expected=None if output is not None else plan.header,
     )
     if result.recovered:
         console.status(f"recovered {path}: an interrupted patch was {result.recovered}")

@@ -997,6 +997,25 @@ def _save_backup(path: str, header: Header) -> str:
     return saved
 
 
+def _reread(fd: int, path: str, expected: Header | None) -> Header:
+    """Return the header of the locked file: ``expected`` if its bytes are still there, else a fresh parse.
+
+    The caller planned the metadata from ``expected``; if another program changed the header in between, writing
+    that plan would silently drop its change, so that is refused instead.
+    """
+    if expected is None:
+        return read_header_fd(fd, source=path)
+    same_size = os.fstat(fd).st_size == expected.file_size
+    if same_size and plat.pread_exact(fd, expected.data_start, 0) == pack_prefix(expected.raw):
+        return expected  # byte-identical: no need to parse it again
+    raise LockedError(
+        "the file changed between reading its header and locking it",
+        path=path,
+        code="changed",
+        hint="another program wrote it meanwhile; run the command again",
+    )
+
+
 def _write_in_place(
     name: str,
     metadata: Mapping[str, str] | None,
@@ -1006,6 +1025,7 @@ def _write_in_place(
     follow_symlinks: bool,
     strategy: Strategy | None,
     wait: float,
+    expected: Header | None = None,
 ) -> WriteResult:
     target, problem = _inspect_target(name, follow_symlinks)
     if dry_run or problem is not None:
@@ -1020,7 +1040,7 @@ def _write_in_place(
         try:
             recovered = _recover_locked(fd, target)
             st = os.fstat(fd)
-            header = read_header_fd(fd, source=target)
+            header = _reread(fd, target, expected)
             size = block_size(target)
             plan = plan_write(header, metadata, path=target, block_size=size, strategy=strategy)
             if not plan.changed:
@@ -1092,8 +1112,12 @@ def write_metadata(
     follow_symlinks: bool = False,
     strategy: Strategy | None = None,
     wait: float = 0.0,
+    expected: Header | None = None,
 ) -> WriteResult:
-    """Replace the ``__metadata__`` of ``path`` (``None``: remove the key), safely; see the module docstring."""
+    """Replace the ``__metadata__`` of ``path`` (``None``: remove the key), safely; see the module docstring.
+
+    ``expected``: the header the metadata was planned from; the write is refused if the file no longer has it.
+    """
     name = os.fspath(path)
     if strategy is Strategy.OUTPUT and output is None:
         raise UsageError("the output strategy needs an output path", path=name)
@@ -1109,6 +1133,7 @@ def write_metadata(
         follow_symlinks=follow_symlinks,
         strategy=strategy,
         wait=wait,
+        expected=expected,
     )
 
 

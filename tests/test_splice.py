@@ -692,3 +692,25 @@ def test_a_sparse_flux_sized_file_takes_the_insert_path(tmp_path: Path) -> None:
         assert handle.read() == marker_tail
     assert path.stat().st_blocks < allocated + 64  # no data was rewritten: the file stays sparse
     assert oracle_metadata(path) == GROWN
+
+
+def test_expected_header_skips_nothing_when_unchanged(make_safetensors: MakeSafetensors) -> None:
+    """A write planned from the header still on disk goes through, and gives the same result as without it."""
+    path = make_safetensors(metadata={"format": "pt"})
+    planned = read_header(path)
+    result = splice.write_metadata(path, {"format": "pt", "config": "{}"}, expected=planned)
+    assert result.changed
+    assert safe_open(str(path), framework="np").metadata() == {"format": "pt", "config": "{}"}
+
+
+def test_expected_header_refuses_a_file_changed_since_planning(make_safetensors: MakeSafetensors) -> None:
+    """If another program rewrote the header after we read it, the stale plan must not overwrite its change."""
+    path = make_safetensors(metadata={"format": "pt"})
+    planned = read_header(path)
+    splice.write_metadata(path, {"format": "pt", "theirs": "kept"})  # someone else's edit, after our read
+    before = path.read_bytes()
+    with pytest.raises(LockedError) as caught:
+        splice.write_metadata(path, {"format": "pt", "ours": "x"}, expected=planned)
+    assert caught.value.code == "changed"
+    assert str(path) in caught.value.render()
+    assert path.read_bytes() == before  # untouched: their edit survives
