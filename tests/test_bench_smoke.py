@@ -29,6 +29,7 @@ ROWS = {
     "cli-insert": "insert",
     "cli-fit": "fit",
     "cli-output": "output",
+    "cli-merge": "merge",
     "api-copy": "copy",
     "api-insert": "insert",
     "api-fit": "fit",
