@@ -247,6 +247,27 @@ def main() -> None:
     """
 
 
+def config_options(func: F) -> F:
+    """Add the options that say where the config comes from and what to write (shared by patch and merge)."""
+    options = [
+        click.option("--model", metavar="NAME|REPO_ID", help="Known model name or Hugging Face repo id (flux.1-dev)."),
+        click.option("--model-path", metavar="DIR|REPO_ID", help="Local diffusers folder (or repo id) holding it."),
+        click.option(
+            "--config", "config_file", metavar="FILE", help="The transformer's config.json (merge: beats the folder's)."
+        ),
+        click.option("--config-yaml", multiple=True, metavar="FILE", help="deepcompressor YAML (repeatable)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), help="Override the precision (must match tensors)."),
+        click.option("--rank", type=click.IntRange(min=1), help="Override the rank (must match the tensors)."),
+        click.option("--model-class", metavar="CLASS", help="Override the Nunchaku class written to model_class."),
+        click.option("--comfy-config", metavar="FILE", help="Use this comfy_config.json instead of generating one."),
+        click.option("--compat-fields", is_flag=True, help="Also write the extended deepcompressor-proposal fields."),
+        click.option("--allow-download", is_flag=True, help="Let huggingface_hub fetch a missing config.json."),
+    ]
+    for option in reversed(options):  # decorators apply bottom-up; keep the help in this order
+        func = option(func)
+    return func
+
+
 def _output_options(func: F) -> F:
     func = click.option("-q", "--quiet", is_flag=True, help="Print only errors and the data.")(func)
     func = click.option("-v", "--verbose", count=True, help="Say more: evidence, each check, tracebacks.")(func)
@@ -256,16 +277,7 @@ def _output_options(func: F) -> F:
 
 @main.command("patch", context_settings=CONTEXT_SETTINGS, short_help="Add the Nunchaku metadata (the default).")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--model", metavar="NAME|REPO_ID", help="Known model name or Hugging Face repo id (e.g. flux.1-dev).")
-@click.option("--model-path", metavar="DIR|REPO_ID", help="Local diffusers folder (or repo id) holding the config.")
-@click.option("--config", "config_file", metavar="FILE", help="The transformer's config.json.")
-@click.option("--config-yaml", multiple=True, metavar="FILE", help="deepcompressor YAML (repeatable, composed).")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Override the precision (must match the tensors).")
-@click.option("--rank", type=click.IntRange(min=1), help="Override the rank (must match the tensors).")
-@click.option("--model-class", metavar="CLASS", help="Override the Nunchaku class written to model_class.")
-@click.option("--comfy-config", metavar="FILE", help="Use this comfy_config.json instead of generating one.")
-@click.option("--compat-fields", is_flag=True, help="Also write the extended deepcompressor-proposal fields.")
-@click.option("--allow-download", is_flag=True, help="Let huggingface_hub fetch a missing config.json.")
+@config_options
 @click.option("-n", "--dry-run", is_flag=True, help="Show the metadata diff and the write strategy; write nothing.")
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if any file would change.")
 @click.option("--backup", is_flag=True, help="Save the old header beside the file (undo with `restore`).")

@@ -23,10 +23,11 @@ from .cli import (
     _size,
     _summarize,
     _usage_error,
+    config_options,
     make_planner,
 )
 from .errors import PatchError
-from .facts import PRECISIONS, Severity
+from .facts import Severity
 from .metadata import diff_metadata
 from .plan import PatchOptions, Planner
 from .report import Record, Report, Status
@@ -124,16 +125,7 @@ def _merge_one(
 @click.command("merge", context_settings=CONTEXT_SETTINGS)
 @click.argument("paths", nargs=-1, required=True, metavar="DIR...")
 @click.option("-o", "--output", metavar="FILE|DIR", help="Output file (one folder), or folder for the default names.")
-@click.option("--model", metavar="NAME|REPO_ID", help="Known model name or Hugging Face repo id (e.g. flux.1-dev).")
-@click.option("--model-path", metavar="DIR|REPO_ID", help="Local diffusers folder (or repo id) holding the config.")
-@click.option("--config", "config_file", metavar="FILE", help="The transformer's config.json (beats the folder's).")
-@click.option("--config-yaml", multiple=True, metavar="FILE", help="deepcompressor YAML (repeatable, composed).")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Override the precision (must match the tensors).")
-@click.option("--rank", type=click.IntRange(min=1), help="Override the rank (must match the tensors).")
-@click.option("--model-class", metavar="CLASS", help="Override the Nunchaku class written to model_class.")
-@click.option("--comfy-config", metavar="FILE", help="Use this comfy_config.json (beats the folder's).")
-@click.option("--compat-fields", is_flag=True, help="Also write the extended deepcompressor-proposal fields.")
-@click.option("--allow-download", is_flag=True, help="Let huggingface_hub fetch a missing config.json.")
+@config_options
 @click.option("-n", "--dry-run", is_flag=True, help="Show the planned output, tensors, sizes and metadata keys.")
 @click.option("--force", is_flag=True, help="Replace an existing output; write even if the config contradicts.")
 @_output_options
