@@ -714,3 +714,25 @@ def test_expected_header_refuses_a_file_changed_since_planning(make_safetensors:
     assert caught.value.code == "changed"
     assert str(path) in caught.value.render()
     assert path.read_bytes() == before  # untouched: their edit survives
+
+
+def test_without_the_linux_fast_paths_a_growing_patch_copies_safely(
+    make_safetensors: MakeSafetensors, sha256_range: Sha256Range, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Windows and macOS get: no insert-range, no lease, no copy_file_range -> the portable copy path."""
+    monkeypatch.setattr(plat, "IS_LINUX", False)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    path = make_safetensors(metadata=ORIGINAL)
+    tensors = load_file(str(path))
+    data = data_sha(path, sha256_range)
+    mode = stat.S_IMODE(path.stat().st_mode)
+
+    result = write_metadata(path, GROWN)
+
+    assert result.strategy is Strategy.COPY and result.changed
+    assert data_sha(path, sha256_range) == data
+    assert oracle_metadata(path) == GROWN
+    assert_tensors_equal(load_file(str(path)), tensors)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert read_header(path).aligned
+    assert leftovers(path) == []
