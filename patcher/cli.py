@@ -283,7 +283,12 @@ def _output_options(func: F) -> F:
 @click.option("--backup", is_flag=True, help="Save the old header beside the file (undo with `restore`).")
 @click.option("-o", "--output", metavar="FILE", help="Write a patched copy here (single input only).")
 @click.option("--follow-symlinks", is_flag=True, help="Patch the target of a symlink (changes a shared blob).")
-@click.option("--force", is_flag=True, help="Write even when the config or overrides contradict the tensors.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write even when the config contradicts the tensors; replace an existing -o file; accept a copy that "
+    "cannot keep the owner or group.",
+)
 @_output_options
 def patch_command(
     paths: tuple[str, ...],
@@ -365,6 +370,7 @@ def patch_command(
             backup=backup,
             output=output,
             follow_symlinks=follow_symlinks,
+            force=force,
         )
         console.record(report.add(_run_one(console, work, path)))
     _summarize(console, report, paths)
@@ -381,6 +387,7 @@ def _patch_one(
     backup: bool,
     output: str | None,
     follow_symlinks: bool,
+    force: bool = False,
 ) -> Record:
     """Plan one file, then write it, or show what would be written."""
     if os.path.lexists(splice.journal_path(os.path.realpath(path))):
@@ -413,7 +420,7 @@ def _patch_one(
                 console.data(_colour_diff(console, line))
         # The writer's own dry run: opened read-only, the same strategy choice and refusals as a real run.
         result = splice.write_metadata(
-            path, plan.new_metadata, output=output, dry_run=True, follow_symlinks=follow_symlinks
+            path, plan.new_metadata, output=output, dry_run=True, follow_symlinks=follow_symlinks, force=force
         )
         if show_diff:
             console.data(console.style(f"# {_layout_line(result)}", bold=True))
@@ -430,6 +437,7 @@ def _patch_one(
         backup=backup,
         follow_symlinks=follow_symlinks,
         expected=None if output is not None else plan.header,
+        force=force,
     )
     if result.recovered:
         console.status(f"recovered {path}: an interrupted patch was {result.recovered}")
@@ -448,7 +456,12 @@ def _patch_one(
         record.strategy = None
     else:
         record.status = Status.PATCHED
-        saved = f", old header saved to {result.backup}" if result.backup else ""
+        saved = ""
+        if result.backup:
+            kept = "earlier backup of its original header kept at" if result.backup_kept else "old header saved to"
+            saved = f", {kept} {result.backup}"
+        if result.lost:
+            console.warning(f"{path}: the patched copy could not keep its {', '.join(result.lost)} (--force)")
         console.status(f"patched {path} ({result.strategy.value}, {sizes}{saved})")
     return record
 

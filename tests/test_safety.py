@@ -390,15 +390,23 @@ def test_a_symlink_output_is_refused_unless_followed(make_safetensors: MakeSafet
     assert link.is_symlink() and oracle_metadata(target) == NEW
 
 
-def test_merge_refuses_a_device_even_forced(tmp_path: Path) -> None:
-    if not IS_ROOT:
-        pytest.skip("needs root for mknod")
-    from patcher.splice import check_output_target
+@needs_root
+def test_the_command_line_refuses_a_device_output_even_forced(tmp_path: Path) -> None:
+    from patcher import synth
 
+    tensors = synth.table_to_tensors(synth.build_table(synth.preset("flux.1-dev")))
+    source = synth.write_sparse(tmp_path / "m.safetensors", tensors)  # full size, but a hole: no disk used
     out = tmp_path / "null"
     os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    with pytest.raises(WriteError):
-        check_output_target(str(out), force=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for extra in ((), ("--force",)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "patcher", str(source), "--model", "flux.1-dev", "-o", str(out), *extra],
+            capture_output=True, text=True, cwd=REPO, timeout=120, env=env,
+        )  # fmt: skip
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 3 and len(errors) == 1 and str(out) in errors[0], proc.stderr
+        assert stat.S_ISCHR(out.lstat().st_mode)
 
 
 # --------------------------------------------------------------------------------------------
