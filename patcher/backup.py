@@ -52,11 +52,11 @@ def read_backup(saved: str, owner: os.stat_result) -> Header | None:
         ) from None
 
 
-def save_backup(path: str, header: Header, st: os.stat_result) -> tuple[str, bool]:
+def save_backup(path: str, header: Header, st: os.stat_result, *, sync_dir: bool = True) -> tuple[str, bool]:
     """Make sure a backup restoring ``path`` exists; return its name and whether it was already there (kept).
 
-    A new backup is written through a flushed temp file and a rename, then read back and compared. Its directory
-    entry is flushed with the journal's, which follows at once.
+    A new backup is written through a flushed temp file and a rename, then read back and compared. ``sync_dir``
+    False leaves the flush of its directory entry to the journal written next to it at once.
     """
     saved = files.backup_path(path)
     existing = read_backup(saved, st)
@@ -71,7 +71,7 @@ def save_backup(path: str, header: Header, st: os.stat_result) -> tuple[str, boo
             hint=f"move {saved} away (it may hold another file's original header) and run again, or drop --backup",
         )
     prefix = pack_prefix(header.raw)
-    files.atomic_write(saved, prefix, os.path.basename(path), sync_dir=False)
+    files.atomic_write(saved, prefix, os.path.basename(path), sync_dir=sync_dir)
     if files.read_trusted(saved, st, "backup", limit=_BACKUP_LIMIT) != prefix:
         raise WriteError("the backup read back differs from the header", path=saved, code="verify")
     return saved, False

@@ -637,7 +637,11 @@ def _write_in_place(
                 return _result(plan, recovered=recovered)
             if st.st_nlink > 1:  # a link made since the first look
                 raise LinkError(f"has {st.st_nlink} hard links", path=target, hint="write a patched copy with -o")
-            saved = save_backup(target, header, st) if backup else None
+            # A filesystem known to lack insert-range (tmpfs, btrfs, NFS...) copies at once: no journal to flush.
+            if plan.strategy is Strategy.INSERT and strategy is None and not _may_insert(target):
+                plan = plan_write(header, metadata, path=target, block_size=size, strategy=Strategy.COPY)
+            # The journal's directory flush covers the backup's entry; the copy path has no journal, so it flushes.
+            saved = save_backup(target, header, st, sync_dir=plan.strategy is Strategy.COPY) if backup else None
             if plan.strategy in (Strategy.INSERT, Strategy.FIT):
                 reason = _apply_in_place(fd, target, plan, st)
                 if reason is not None:
@@ -654,6 +658,12 @@ def _write_in_place(
             handle.close()
     except OSError as exc:
         raise files.os_error(exc, target) from None
+
+
+def _may_insert(path: str) -> bool:
+    """Return False only for a filesystem known to lack insert-range (an unknown one is tried)."""
+    kind = plat.filesystem_type(path)
+    return kind is None or kind in plat.INSERT_RANGE_FILESYSTEMS
 
 
 def _holds_the_result(dest: str, plan: SplicePlan, src_fd: int) -> bool:
