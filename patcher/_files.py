@@ -221,7 +221,7 @@ def read_trusted(path: str, owner: os.stat_result, what: str, *, limit: int) -> 
                 f"the {what} is a symbolic link, not a regular file; it was not written by nunchaku-patch",
                 path=path,
                 code="untrusted",
-                hint="nothing was changed; look at it, and move it away if it is not yours",
+                hint="nothing was changed; nunchaku-patch never writes links; inspect it before moving it away",
             ) from None
         raise os_error(exc, path, f"cannot read the {what}") from None
     try:
@@ -240,7 +240,10 @@ def read_trusted(path: str, owner: os.stat_result, what: str, *, limit: int) -> 
                 f"the {what} {problem} ({describe_owner(st)}); it is not trusted",
                 path=path,
                 code="untrusted",
-                hint="nothing was changed; look at it, and move it away if it is not yours",
+                hint=(
+                    "nothing was changed; if its owner started a patch, they (or root) can finish it with the same "
+                    "command; otherwise it was planted: inspect it before moving it away"
+                ),
             )
         if O_NONBLOCK:
             os.set_blocking(fd, True)

@@ -4,15 +4,17 @@ The strategy is chosen once per file (:func:`plan_write`, pure) and carried out 
 
 * ``fit``: the new JSON fits in the old header length: pad it with spaces and rewrite the prefix in place.
 * ``insert`` (Linux, ext4/XFS): ``fallocate(FALLOC_FL_INSERT_RANGE)`` adds whole filesystem blocks at offset 0,
-  then the longer prefix is written over them; the data region is never read or written. Only while we hold a
-  write lease, the kernel's proof that no other process has the file open or mapped (a running ComfyUI).
+  then the longer prefix is written over them; the data region is never read or written.
+* Both only while we hold a write lease, the kernel's proof that no other process has the file open or mapped (a
+  running ComfyUI); without one the file is copied.
 * ``copy``: a temp file beside the original gets the new prefix and a kernel-side copy of the data region, then
   replaces the original with ``os.replace``; a process that has the old file open keeps its bytes.
 * ``output``: the same copy written elsewhere; the source is only read.
 
-Crash safety: fit and insert write a journal (old and new prefix, identity of the file) before touching it and
-remove it once the result is verified; :func:`recover`, which every write runs first, finishes or rolls back an
-interrupted patch. Copy and output change nothing before the atomic rename.
+Crash safety: fit and insert write a journal (``patcher.journal``) before touching the file and remove it once the
+result is verified; :func:`recover`, which every write runs first, finishes or rolls back an interrupted patch.
+Copy and output change nothing before the atomic rename. Backups and ``restore`` live in ``patcher.backup``; the
+shared file handling (safe opens, locks, temp files, trust checks) in ``patcher._files``.
 """
 
 from __future__ import annotations
