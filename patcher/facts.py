@@ -56,7 +56,8 @@ def config_kind(family: Family | None) -> tuple[str, str]:
 
 
 #: Parameter defaults of the diffusers classes whose configs differ only by omitted defaults
-#: (``FluxTransformer2DModel.__init__`` and ``QwenImageTransformer2DModel.__init__`` in diffusers).
+#: (``FluxTransformer2DModel.__init__``, ``UNet2DConditionModel.__init__`` and ``QwenImageTransformer2DModel.__init__``
+#: in diffusers).
 #: Classes not listed are compared field by field as written.
 CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "FluxTransformer2DModel": {
@@ -71,6 +72,12 @@ CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
         "pooled_projection_dim": 768,
         "guidance_embeds": False,
         "axes_dims_rope": [16, 56, 56],
+    },
+    # Only the fields SDXL-Turbo's config spells out and SDXL base's (an older diffusers) leaves to the default.
+    "UNet2DConditionModel": {
+        "attention_type": "default",
+        "dropout": 0.0,
+        "reverse_transformer_layers_per_block": None,
     },
     "QwenImageTransformer2DModel": {
         "patch_size": 2,

@@ -551,6 +551,8 @@ def _from_facts(request: ConfigRequest, log: _Log) -> _Found:
         shown = {"in_channels": facts.in_channels, "guidance_embeds": facts.guidance_embeds}
         unknown = [name for name, value in shown.items() if value is None and name in differing]
         why = f"; the header does not show {' or '.join(unknown)}" if unknown else ""
+        if not set(differing) & {"in_channels", "guidance_embeds", "num_layers", "num_single_layers"}:
+            why = "; the tensors cannot tell them apart (same architecture): the file name or --model decides"
         raise ConfigError(
             f"cannot tell which model this is: the header fits {', '.join(m.name for m in fits)}, whose configs "
             f"differ on {', '.join(differing)}{why}",

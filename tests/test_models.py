@@ -466,7 +466,7 @@ def test_sdxl_and_turbo_differ_only_where_the_tensors_cannot_see() -> None:
     # Same UNet: only the sample size (1024 px vs 512 px) and spelled-out defaults differ.
     sdxl, turbo = models.lookup("sdxl"), models.lookup("sdxl-turbo")
     assert models.unet_layout(models.embedded_config(sdxl)) == models.unet_layout(models.embedded_config(turbo))
-    assert "sample_size" in models.config_differences(sdxl, turbo)
+    assert models.config_differences(sdxl, turbo) == ["sample_size"]
 
 
 def test_unet_layout_of_sdxl() -> None:

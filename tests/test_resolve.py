@@ -708,7 +708,9 @@ def test_step6_sdxl_or_turbo_is_decided_by_the_file_name(cache: Path) -> None:
     assert result.model is not None and result.model.name == "sdxl-turbo"
     assert any("says sdxl-turbo" in line for line in lines)
     message = error_of(ConfigRequest(facts=facts, filename="unet.safetensors"))
-    assert "cannot tell which model this is: the header fits sdxl, sdxl-turbo" in message
+    assert "cannot tell which model this is: the header fits sdxl, sdxl-turbo, whose configs differ on" in message
+    assert "differ on sample_size;" in message
+    assert "the tensors cannot tell them apart (same architecture): the file name or --model decides" in message
     assert "Pass --model NAME (e.g. --model sdxl)" in message
 
 
