@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from patcher import models
 from patcher.errors import UsageError, WriteError
 from patcher.facts import Family
 from patcher.header import DTYPE_BITS, parse_header, read_header
+from patcher.inspect import infer
 from patcher.synth import (
     PRESETS,
     SynthSpec,
@@ -467,3 +469,44 @@ if __name__ == "__main__":
         _regen()
     else:
         print("usage: python tests/test_synth.py --regen", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/make_sample.py --preset: every known model, and the published names --model accepts
+
+
+def _make_sample() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_sample.py"
+    spec = importlib.util.spec_from_file_location("make_sample", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("sdxl", Family.SDXL),
+        ("sdxl-turbo", Family.SDXL),
+        ("t5-xxl", Family.T5),
+        ("qwen-image-edit", Family.QWEN_IMAGE),
+        # a published Lightning file name: its base model's table
+        ("svdq-int4_r32-qwen-image-edit-2509-lightningv2.0-4steps", Family.QWEN_IMAGE),
+    ],
+)
+def test_make_sample_writes_every_new_model(tmp_path: Path, name: str, family: Family) -> None:
+    out = tmp_path / "sample.safetensors"
+    assert _make_sample().main([str(out), "--preset", name, "--scale", "0.1"]) == 0
+    with safe_open(str(out), framework="np") as f:  # the reference reader accepts it, with no metadata
+        assert f.metadata() is None
+    inference = infer(read_header(out))
+    assert inference.family is not None and inference.family.value is family
+
+
+def test_make_sample_refuses_nvfp4_for_t5_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _make_sample().main([str(tmp_path / "t5.safetensors"), "--preset", "t5-xxl", "--precision", "nvfp4"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: bad synthetic spec field 'precision'")
