@@ -422,26 +422,24 @@ def find_in_name(text: str) -> KnownModel | None:
     named = {model.name: model for _, _, model in outer}
     if len(named) == 1:
         return next(iter(named.values()))
-    derived = {base.name: base for rule, base in _derived_mentions(haystack)}
+    derived = {base.name: base for _, base in _derived_mentions(haystack)}
     return next(iter(derived.values())) if len(derived) == 1 else None
 
 
-def _derived_mentions(haystack: str) -> list[tuple[DerivedName, KnownModel]]:
+def _derived_mentions(haystack: str) -> list[tuple[str, KnownModel]]:
+    """Return each derivative name a normalized file name mentions (as written), with its base model."""
     found = []
     for rule in DERIVED:
-        if re.search(rf"(?<![a-z0-9.]){rule.pattern.pattern}(?![a-z0-9.])", haystack):
-            found.append((rule, _registry()[1][normalize_name(rule.base)]))
+        match = re.search(rf"(?<![a-z0-9.]){rule.pattern.pattern}(?![a-z0-9.])", haystack)
+        if match is not None:
+            found.append((match[0], _registry()[1][normalize_name(rule.base)]))
     return found
 
 
 def derived_in_name(text: str) -> str | None:
     """Return :func:`derived_note` for the derivative a file or folder name mentions, or ``None``."""
-    haystack = normalize_name(text)
-    for rule in DERIVED:
-        match = re.search(rf"(?<![a-z0-9.]){rule.pattern.pattern}(?![a-z0-9.])", haystack)
-        if match is not None:
-            return derived_note(match[0])
-    return None
+    mentions = _derived_mentions(normalize_name(text))
+    return derived_note(mentions[0][0]) if mentions else None
 
 
 def embedded_config_text(model: KnownModel) -> str:

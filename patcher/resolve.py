@@ -31,6 +31,9 @@ from .errors import ConfigError, PatchError
 from .facts import Fact, Family, Inference, Precision, config_kind
 from .models import KnownModel
 
+#: What to pass when a config file is unusable (the family is not known yet when a file is read).
+CONFIG_HINT = "Pass the model's config.json (transformer/config.json; SDXL: unet/; T5: text_encoder_2/)"
+
 
 def folder_configs(family: Family | None) -> tuple[str, ...]:
     """Return the files a folder or repo may hold the family's config in: its own component first (``unet/`` for
@@ -177,16 +180,17 @@ def parse_config_text(text: str, *, source: str | os.PathLike[str]) -> dict[str,
         raise ConfigError(
             f"config is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
             path=source,
-            hint="Pass a diffusers transformer config.json",
+            hint=CONFIG_HINT,
         ) from exc
     if not isinstance(value, dict):
         raise ConfigError("config is not a JSON object", path=source, expected="an object", got=type(value).__name__)
     class_name = value.get("_class_name")
     if isinstance(class_name, str) and class_name.endswith("Pipeline"):
         raise ConfigError(
-            f"this is a pipeline's model_index.json ({class_name}), not a transformer config",
+            f"this is a pipeline's model_index.json ({class_name}), not a model config",
             path=source,
-            hint="Pass the transformer/config.json beside it, or the folder with --model-path",
+            hint="Pass the config.json of its transformer/ (SDXL: unet/, T5: text_encoder_2/) folder, "
+            "or the pipeline folder with --model-path",
         )
     return value
 
@@ -210,7 +214,7 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
         raise ConfigError(
             f"config is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
             path=where,
-            hint="Pass a diffusers transformer config.json",
+            hint=CONFIG_HINT,
         ) from exc
     # json.loads rejects a BOM, and so would Nunchaku reading the metadata: drop it, keep the rest as is.
     text = text.removeprefix(_BOM)

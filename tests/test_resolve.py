@@ -633,7 +633,8 @@ ERRORS = [
         None,
         CONFIGS / "trailing-comma.json",
         "{path}: config is not valid JSON (Expecting property name enclosed in "
-        "double quotes at line 5 column 1). Pass a diffusers transformer config.json",
+        "double quotes at line 5 column 1). Pass the model's config.json (transformer/config.json; SDXL: unet/; T5:"
+        " text_encoder_2/)",
     ),
     # a JSON array
     (None, CONFIGS / "not-an-object.json", "{path}: config is not a JSON object (expected an object, got list)"),
@@ -642,7 +643,8 @@ ERRORS = [
         None,
         CONFIGS / "model_index.json",
         "{path}: this is a pipeline's model_index.json (FluxPipeline), not a "
-        "transformer config. Pass the transformer/config.json beside it, or the folder with --model-path",
+        "model config. Pass the config.json of its transformer/ (SDXL: unet/, T5: text_encoder_2/) folder, or the"
+        " pipeline folder with --model-path",
     ),
 ]
 
@@ -660,7 +662,8 @@ def test_config_file_not_utf8(tmp_path: Path, cache: Path) -> None:
     path = tmp_path / "latin1.json"
     path.write_bytes(b'{"name": "caf\xe9"}')
     assert error_of(ConfigRequest(config_file=path)) == (
-        f"{path}: config is not UTF-8 text (byte 0xe9 at offset 13). Pass a diffusers transformer config.json"
+        f"{path}: config is not UTF-8 text (byte 0xe9 at offset 13). Pass the model's config.json"
+        " (transformer/config.json; SDXL: unet/; T5: text_encoder_2/)"
     )
 
 
