@@ -17,6 +17,7 @@ from typing import Any
 
 from .facts import Fact, Family, Inference, Precision
 from .header import Header, TensorInfo
+from .models import describe_layout
 
 #: Group size of the W4A4 weight scales for each precision (contract section 3).
 GROUP_SIZE: Mapping[Precision, int] = {"int4": 64, "nvfp4": 16}
@@ -50,7 +51,9 @@ _REFINERS = ("noise_refiner.", "context_refiner.")
 _UNET_PARTS = ("down_blocks.", "mid_block.", "up_blocks.")
 _ZIMAGE_EMBEDDER = re.compile(r"all_x_embedder\.(\d+)-(\d+)\.weight")
 #: An SDXL UNet transformer block: ``{down_blocks.N | mid_block | up_blocks.N}.attentions.A.transformer_blocks.T``.
-_UNET_BLOCK = re.compile(r"((?:down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(.+)")
+_UNET_BLOCK = re.compile(
+    r"((?:down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(.+?)\.?$"
+)
 #: Group sizes nunchaku's T5 ``W4Linear`` (TinyChat packing) can have; its loader builds every layer with 128.
 T5_GROUP_SIZES = (128, 64, 32)
 T5_LOADER_GROUP_SIZE = 128
@@ -451,10 +454,8 @@ def _unet_layout(
         if len(set(per)) > 1:
             problems.add("UNet attentions of one block differ in depth", f"{block}: {per}")
         layout.append((block, len(per), max(per)))
-    quantized = sorted(
-        {m[5] for head in scan.qweights if (m := _UNET_BLOCK.match(f"{head}.qweight")) is not None} - {"qweight"}
-    )
-    kinds = sorted({k.rpartition(".qweight")[0] for k in quantized})
+    # the layer path inside a transformer block, e.g. "attn1.to_qkv" from "...transformer_blocks.0.attn1.to_qkv.qweight"
+    kinds = sorted({m[5] for head in scan.qweights if (m := _UNET_BLOCK.match(f"{head}.")) is not None})
     total = sum(attentions * depth for _, attentions, depth in layout)
     note = f"attentions x transformer blocks; quantized in each block: {', '.join(kinds) or 'nothing'}"
     evidence = tuple(first[b] for b, _, _ in layout)[:EVIDENCE]
@@ -661,7 +662,7 @@ def _line(label: str, fact: Fact[Any] | None) -> str:
         return f"{label}: unknown"
     value = fact.value.value if isinstance(fact.value, Family) else fact.value
     if isinstance(value, tuple):  # the UNet layout
-        value = ", ".join(f"{block}: {attentions}x{depth}" for block, attentions, depth in value)
+        value = describe_layout(value)
     text = f"{label}: {value}"
     if fact.note:
         text += f" ({fact.note})"
