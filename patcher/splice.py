@@ -717,7 +717,7 @@ def _write_output(
             header = read_header_fd(fd, source=source)
             plan = plan_write(header, metadata, path=source, block_size=block_size(source), output=dest)
             if exists and _holds_the_result(dest, plan, fd):
-                return dataclasses.replace(_result(plan), changed=False)
+                return dataclasses.replace(_result(plan), strategy=Strategy.NONE)  # left alone
             if exists and not force:
                 check_output_target(dest, follow_symlinks=True)  # raises: it exists and holds something else
             if not dry_run:
