@@ -421,18 +421,60 @@ def test_every_invalid_fixture_fails_with_one_error_line(name: str) -> None:
     assert result.stdout == ""
 
 
-def test_blocks_only_file_without_model_is_refused(make_file: MakeFile) -> None:
-    path = make_file("transformer_blocks.safetensors", kind="blocks")
+FLUX_MISSING = (
+    "x_embedder, context_embedder, time_text_embed.timestep_embedder, time_text_embed.text_embedder, "
+    "norm_out.linear, proj_out"
+)
+
+
+def test_blocks_only_file_is_refused_even_with_a_model(make_file: MakeFile, dev_config: str) -> None:
+    path = make_file("old/transformer_blocks.safetensors", kind="blocks")
     before = snapshot(path)
-    result = run(os.fspath(path))
+    for extra in ([], ["--model", "flux.1-dev"], ["--config", dev_config], ["--dry-run"], ["--check"]):
+        result = run(os.fspath(path), *extra)
+        assert result.exit_code == ExitCode.FAILED, (extra, result.stderr)
+        assert errors(result) == [
+            f"error: {path}: holds only the quantized blocks: the unquantized layers {FLUX_MISSING} are missing "
+            "(Nunchaku's Flux V2 class fails with AssertionError, the V1 class loads it with those weights silently "
+            "uninitialised). use the whole conversion: deepcompressor writes these layers to "
+            "unquantized_layers.safetensors beside transformer_blocks.safetensors; `nunchaku-patch merge DIR` "
+            "makes one loadable file of the two (--force writes metadata to this half anyway)"
+        ], extra
+        assert snapshot(path) == before
+
+
+def test_blocks_only_file_with_its_sibling_points_at_merge(make_file: MakeFile, tmp_path: Path) -> None:
+    path = make_file("old/transformer_blocks.safetensors", kind="blocks")
+    (tmp_path / "old" / "unquantized_layers.safetensors").write_bytes(b"")
+    result = run(os.fspath(path), "--model", "flux.1-dev")
     assert result.exit_code == ExitCode.FAILED
-    assert errors(result) == [
-        f"error: {path}: cannot tell which model this is: the header fits flux.1-dev, flux.1-schnell, "
-        "flux.1-fill-dev, flux.1-canny-dev, flux.1-depth-dev, flux.1-kontext-dev, flux.1-krea-dev, shuttle-jaguar, "
-        "whose configs differ on guidance_embeds, in_channels; the header does not show in_channels or "
-        "guidance_embeds. Pass --model NAME (e.g. --model flux.1-dev) or --config FILE"
-    ]
-    assert snapshot(path) == before
+    (line,) = errors(result)
+    assert line.endswith(
+        f"merge it with the unquantized_layers.safetensors beside it: nunchaku-patch merge {tmp_path / 'old'}"
+    )
+
+
+def test_force_writes_a_blocks_only_file_with_a_warning(make_file: MakeFile) -> None:
+    path = make_file("old/transformer_blocks.safetensors", kind="blocks")
+    result = run(os.fspath(path), "--model", "flux.1-dev", "--force")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any(
+        "holds only the quantized blocks" in w
+        and "time_text_embed.guidance_embedder" in w
+        and "V2" in w
+        and w.endswith("(overridden by --force)")
+        for w in warnings
+    ), warnings
+    metadata, _ = oracle_read(path)
+    assert metadata is not None and "config" in metadata
+    # And validate never calls it ok, for any loader.
+    checked = run("validate", "--json", os.fspath(path))
+    assert checked.exit_code == ExitCode.NEEDS_WORK
+    (record,) = json_records(checked)
+    assert record["status"] == "needs work"
+    assert not any(verdict["ok"] for verdict in record["verdicts"].values())
+    assert any(f["code"] == "missing-unquantized" for f in record["findings"])
 
 
 def test_schnell_config_on_dev_weights_is_refused_unless_forced(make_file: MakeFile, schnell_config: str) -> None:
@@ -735,15 +777,16 @@ def test_report_owns_the_exit_code() -> None:
 
 
 def test_already_patched_files_are_left_alone_without_options(
-    make_file: MakeFile, dev_config: str, tmp_path: Path
+    make_file: MakeFile, dev_config: str, schnell_config: str, tmp_path: Path
 ) -> None:
     """A fine-tune patched with its own config must not get a re-derived one when a batch runs without options."""
     tree = tmp_path / "mixed"
-    blocks = make_file("patched/transformer_blocks.safetensors", kind="blocks", folder=tree)
+    other = make_file("patched/other.safetensors", kind="schnell", folder=tree)
     full = make_file("patched/full.safetensors", folder=tree)
-    assert run(os.fspath(blocks), os.fspath(full), "--config", dev_config, "-q").exit_code == 0
-    before = {p: snapshot(p) for p in (blocks, full)}
-    result = run(os.fspath(tree))  # no --model: the blocks-only file could not be told apart on its own
+    assert run(os.fspath(full), "--config", dev_config, "-q").exit_code == 0
+    assert run(os.fspath(other), "--config", schnell_config, "-q").exit_code == 0
+    before = {p: snapshot(p) for p in (other, full)}
+    result = run(os.fspath(tree))  # no --model: each file's own config is kept, none re-derived
     assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stderr.splitlines()[-1] == "2 already correct"
     assert {p: snapshot(p) for p in before} == before

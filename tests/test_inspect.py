@@ -29,6 +29,29 @@ HIDDEN = {
 }
 
 
+#: The unquantized layers a blocks-only file of each family lacks (the loaders need every one of them).
+BLOCKS_ONLY_MISSING = {
+    Family.FLUX: (
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed.timestep_embedder",
+        "time_text_embed.text_embedder",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    Family.QWEN_IMAGE: (
+        "img_in",
+        "txt_norm",
+        "txt_in",
+        "time_text_embed.timestep_embedder",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    Family.Z_IMAGE: ("all_x_embedder", "all_final_layer", "t_embedder", "cap_embedder", "x_pad_token", "cap_pad_token"),
+    Family.SANA: ("patch_embed.proj", "time_embed", "caption_projection", "scale_shift_table", "proj_out"),
+}
+
+
 def run(spec: SynthSpec) -> Inference:
     """Build the header of ``spec`` the way a file would have it and infer from it."""
     return infer(header_of(table_to_tensors(build_table(spec))))
@@ -53,6 +76,7 @@ def expected(spec: SynthSpec, hidden: int | None) -> dict[str, object]:
         "hidden_size": hidden,
         "skip_refiners": spec.skip_refiners if spec.family is Family.Z_IMAGE else None,
         "has_unquantized": full,
+        "missing_unquantized": () if full else BLOCKS_ONLY_MISSING.get(spec.family, ()),
         "contradictions": (),
     }
 
@@ -449,7 +473,11 @@ def test_describe_full_file() -> None:
 def test_describe_blocks_only() -> None:
     lines = describe(run(preset("flux.1-dev", include_unquantized=False, num_layers=2, num_single_layers=2)))
     assert not any(line.startswith(("in_channels", "guidance_embeds")) for line in lines)
-    assert lines[-1] == "unquantized layers: absent (a blocks-only file: the variant cannot be told)"
+    assert lines[-1] == (
+        "unquantized layers: missing x_embedder, context_embedder, time_text_embed.timestep_embedder, "
+        "time_text_embed.text_embedder, norm_out.linear, proj_out (a blocks-only file: no loader can use it "
+        "alone, and the variant cannot be told)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
