@@ -397,6 +397,8 @@ def validate_metadata(metadata: Mapping[str, str] | None, inference: Inference) 
 
     if metadata is None:
         _no_metadata(run)
+        for name in _READS:
+            run.check(name, skipped="no __metadata__")
         return _report(run, family)
     run.check("metadata present", f"{len(metadata)} entries")
     run.checks.append(Check("fields found", True, ", ".join(metadata) or "none"))
@@ -408,6 +410,16 @@ def validate_metadata(metadata: Mapping[str, str] | None, inference: Inference) 
     if family is Family.FLUX:
         _check_comfy_config(run, metadata, inference)
     return _report(run, family)
+
+
+#: The checks of what the loaders read, reported as skipped when there is no metadata to read them from.
+_READS = (
+    "config is valid JSON",
+    "config matches the tensors",
+    "quantization_config is valid JSON",
+    "weight.dtype matches the tensors",
+    "rank matches the tensors",
+)
 
 
 def _check_tensors(run: _Run, inference: Inference) -> None:

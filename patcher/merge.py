@@ -313,7 +313,8 @@ def output_name(precision: Precision, rank: int, model: str) -> str:
 
 
 def _output_path(folder: Path, name: str, output: str | os.PathLike[str] | None) -> str:
-    if output is not None and not os.path.isdir(output):
+    # A trailing separator names a folder, also one not created yet (a dry run of ``-o new/``).
+    if output is not None and not os.path.isdir(output) and not os.fspath(output).endswith(("/", os.sep)):
         return os.fspath(output)
     if output is not None:
         return os.path.join(output, name)

@@ -307,7 +307,9 @@ def test_quiet_prints_nothing_but_errors(make_file: MakeFile, dev_config: str, t
     assert run(os.fspath(path), "--config", dev_config, "-q").stderr == ""
     missing = tmp_path / "missing.safetensors"
     result = run(os.fspath(missing), "--config", dev_config, "-q")
-    assert result.stderr.splitlines() == [f"error: {missing}: no such file or directory. check the path"]
+    assert result.stderr.splitlines() == [
+        f"error: {missing}: no such file or directory. check the path; nothing was changed"
+    ]
 
 
 def test_verbose_shows_the_evidence(make_file: MakeFile, dev_config: str) -> None:
@@ -357,11 +359,16 @@ def test_restore_of_a_folder_restores_every_backup_below_it(
     assert [r["path"] for r in json_records(result)] == [os.fspath(second), os.fspath(first)]
     assert all(header_json(p) == original for p, original in originals.items())
     assert read_header(untouched).metadata is None
+    # Nothing left to restore is not a failure.
     empty = run("restore", os.fspath(tree))
-    assert empty.exit_code == ExitCode.FAILED
-    assert errors(empty) == [
-        f"error: {tree}: no backup or interrupted patch below this folder. backups are made by patching with --backup"
+    assert empty.exit_code == ExitCode.OK
+    assert errors(empty) == []
+    assert empty.stderr.splitlines() == [
+        f"nothing to restore in {tree}: no backup or interrupted patch below it",
+        "1 nothing to restore",
     ]
+    (record,) = json_records(run("restore", os.fspath(tree), "--json"))
+    assert record["status"] == "nothing to restore"
 
 
 def test_output_writes_a_patched_copy_and_leaves_the_source(
@@ -384,19 +391,25 @@ def test_output_writes_a_patched_copy_and_leaves_the_source(
 # Refusals: one exact line each, the file untouched
 
 
-def test_missing_file_and_empty_folder(tmp_path: Path) -> None:
+def test_missing_file_and_empty_folder(make_file: MakeFile, tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.md").write_text("no models here")
-    result = run(os.fspath(missing), os.fspath(empty), "--model", "flux.1-dev")
+    # A path that does not exist is a usage error, found before anything is written.
+    present = make_file()
+    before = snapshot(present)
+    result = run(os.fspath(present), os.fspath(missing), os.fspath(empty), "--model", "flux.1-dev")
+    assert result.exit_code == ExitCode.USAGE
+    assert errors(result) == [f"error: {missing}: no such file or directory. check the path; nothing was changed"]
+    assert snapshot(present) == before
+    result = run(os.fspath(empty), "--model", "flux.1-dev")
     assert result.exit_code == ExitCode.FAILED
     assert errors(result) == [
-        f"error: {missing}: no such file or directory. check the path",
         f"error: {empty}: no .safetensors files in this folder or below it. "
         "pass a .safetensors file, or a folder that holds some",
     ]
-    assert result.stderr.splitlines()[-1] == "2 failed"
+    assert result.stderr.splitlines()[-1] == "1 failed"
 
 
 def test_invalid_header_fixture_is_one_line_without_traceback(tmp_path: Path) -> None:
@@ -619,6 +632,32 @@ def test_a_file_that_is_already_correct_is_not_refused_for_being_read_only(
             ["a.safetensors", "--comfy-config", "nowhere.json"],
             "error: nowhere.json: comfy_config file not found. check the path",
         ),
+        # A mistyped command is never taken as a file while the other arguments get patched.
+        (
+            ["valdiate", "a.safetensors"],
+            "error: no such command 'valdiate' (did you mean validate?). see 'nunchaku-patch --help'",
+        ),
+        (
+            ["inpsect", "a.safetensors"],
+            "error: no such command 'inpsect' (did you mean inspect?). see 'nunchaku-patch --help'",
+        ),
+        (["pach", "a.safetensors"], "error: no such command 'pach' (did you mean patch?). see 'nunchaku-patch --help'"),
+        (
+            ["a.safetensors", "gone.safetensors"],
+            "error: gone.safetensors: no such file or directory. check the path; nothing was changed",
+        ),
+        (
+            ["validate", "a.safetensors", "gone"],
+            "error: gone: no such file or directory. check the path; nothing was changed",
+        ),
+        (["restore", "gone"], "error: gone: no such file or directory. check the path; nothing was changed"),
+        (["merge", "gone"], "error: gone: no such file or directory. check the path; nothing was changed"),
+        # Each YAML takes its own --config-yaml: a second one given bare is not a file to patch.
+        (
+            ["a.safetensors", "--config-yaml", "model.yaml", "svdquant.yaml"],
+            "error: svdquant.yaml: is a YAML file where a .safetensors file or folder is expected. give each "
+            "deepcompressor YAML its own --config-yaml: --config-yaml model.yaml --config-yaml svdquant.yaml",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(make_file: MakeFile, args: list[str], line: str) -> None:
@@ -655,7 +694,12 @@ def test_validate_exit_codes_and_verbose_checks(make_file: MakeFile, dev_config:
     assert validate.exit_code == ExitCode.NEEDS_WORK
     assert validate.stdout.splitlines()[0] == f"{path}: needs work"
     assert "fails to load in: nunchaku, nunchaku-v2, comfyui-nunchaku" in validate.stdout
-    assert before.stderr.splitlines()[-1].startswith("fix with: nunchaku-patch FILE...")
+    assert validate.stdout.splitlines()[-1] == f"  fix: nunchaku-patch {path}"
+    assert before.stderr == ""
+    verbose = run("validate", "-v", os.fspath(path)).stdout.splitlines()
+    # Checks that could not run say so; they are not ticks.
+    assert "  - weight.dtype matches the tensors: skipped (no __metadata__)" in verbose
+    assert "  - config matches the tensors: skipped (no __metadata__)" in verbose
     run(os.fspath(path), "--config", dev_config)
     good = run("validate", "-v", os.fspath(path))
     assert good.exit_code == ExitCode.OK

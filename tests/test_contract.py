@@ -492,7 +492,9 @@ def test_no_metadata_names_the_exact_failures() -> None:
     by_scope = {f.scope: f.message for f in report.by_code("no-metadata")}
     assert by_scope["nunchaku"].endswith("TypeError: 'NoneType' object is not subscriptable")
     assert by_scope["comfyui-nunchaku"].endswith("AttributeError: 'NoneType' object has no attribute 'get'")
-    assert report.checks[-1].name == "metadata present" and not report.checks[-1].passed
+    present = next(c for c in report.checks if c.name == "metadata present")
+    assert not present.passed and present.severity is Severity.ERROR
+    assert report.checks[-1].name == "rank matches the tensors" and report.checks[-1].skipped == "no __metadata__"
 
 
 def test_empty_comfy_config_message() -> None:

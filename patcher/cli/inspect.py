@@ -11,7 +11,7 @@ from ..header import Header
 from ..metadata import pretty_value
 from ..plan import inference_json
 from ..report import Record, Report, Status
-from .batch import collect, load_header, run_one
+from .batch import collect, load_header, require_paths, run_one
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, output_options
 from .render import size
@@ -32,8 +32,9 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
     from ..inspect import describe, infer
 
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    require_paths(console, paths)
     report = Report()
-    files = collect(paths, report, console)
+    files = [target.path for target in collect(paths, report, console)]
 
     def one(path: str) -> Record:
         header = load_header(path)
