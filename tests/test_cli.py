@@ -756,7 +756,7 @@ def test_inspect_shows_counts_dtypes_layout_evidence_and_pretty_metadata(make_fi
 def test_inspect_of_an_old_conversion_says_it_has_no_metadata(make_file: MakeFile) -> None:
     path = make_file()
     result = run("inspect", os.fspath(path))
-    assert result.stdout.splitlines()[-1] == "metadata: none (no __metadata__)"
+    assert result.stdout.splitlines()[-2] == "metadata: none (no __metadata__)"
 
 
 def test_inspect_of_a_folder_is_refused_with_a_hint(tmp_path: Path) -> None:
@@ -894,3 +894,105 @@ def test_json_dry_run_carries_the_diff(make_file: MakeFile, dev_config: str) -> 
     assert record["status"] == "would patch"
     assert record["diff"] == plain.stdout.splitlines()[1:-1]  # the text output adds the two "# " lines
     assert record["header"]["old_len"] == read_header(path).header_len
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11: what a newcomer tripped on
+
+
+def test_config_yaml_is_repeatable_and_its_rank_is_checked(
+    make_file: MakeFile, dev_config: str, tmp_path: Path
+) -> None:
+    path = make_file()
+    before = snapshot(path)
+    model_dir = tmp_path / "flux-dev-diffusers"
+    model_dir.mkdir()
+    shutil.copyfile(dev_config, model_dir / "config.json")
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(f"pipeline:\n  name: flux.1-dev\n  path: {model_dir}\n")
+    wrong = tmp_path / "svdquant-r128.yaml"
+    wrong.write_text("quant:\n  wgts:\n    dtype: sint4\n    low_rank:\n      rank: 128\n")
+    result = run(os.fspath(path), "--config-yaml", os.fspath(model_yaml), "--config-yaml", os.fspath(wrong))
+    assert result.exit_code == ExitCode.FAILED, result.stderr
+    (line,) = errors(result)
+    assert "128" in line and "32" in line
+    assert snapshot(path) == before
+    right = tmp_path / "svdquant.yaml"
+    right.write_text("quant:\n  wgts:\n    dtype: sint4\n    low_rank:\n      rank: 32\n")
+    done = run(os.fspath(path), "--config-yaml", os.fspath(model_yaml), "--config-yaml", os.fspath(right))
+    assert done.exit_code == ExitCode.OK, done.stderr
+    assert "--config-yaml model.yaml --config-yaml svdquant.yaml" in run("patch", "--help").stdout
+
+
+def test_check_prints_only_what_would_change_and_the_summary(
+    make_file: MakeFile, dev_config: str, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    done = make_file("done.safetensors", folder=tree)
+    assert run(os.fspath(done), "--config", dev_config, "-q").exit_code == ExitCode.OK
+    todo = make_file("todo.safetensors", folder=tree)
+    result = run(os.fspath(tree), "--config", dev_config, "--check")
+    assert result.exit_code == ExitCode.NEEDS_WORK
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"would patch {todo} (insert)", "1 would patch, 1 already correct"] or (
+        result.stderr.splitlines()[1:] == ["1 would patch, 1 already correct"]
+        and result.stderr.splitlines()[0].startswith(f"would patch {todo} (")
+    )
+
+
+def test_progress_follows_the_terminal_not_the_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, text: str) -> None:
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = console.Console()
+    assert not out.color_err
+    out.progress(1, 2, "a.safetensors")
+    assert written == ["\r\x1b[K[1/2] a.safetensors"]
+
+
+def test_every_json_record_has_the_same_fields(make_file: MakeFile, dev_config: str, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    done = make_file("done.safetensors", folder=tree)
+    assert run(os.fspath(done), "--config", dev_config, "-q").exit_code == ExitCode.OK
+    make_file("todo.safetensors", folder=tree)
+    (tree / "broken.safetensors").write_bytes(b"\x01")
+    for args in (["--dry-run"], []):
+        records = json_records(run(os.fspath(tree), "--config", dev_config, "--json", *args))
+        assert {r["status"] for r in records} >= {"already correct", "failed"}
+        keys = {tuple(r) for r in records}
+        assert len(keys) == 1, keys
+        for record in records:
+            assert record["header"] is None or set(record["header"]) == {
+                "old_len",
+                "new_len",
+                "spare",
+                "data_offset",
+                "aligned",
+            }
+    validated = json_records(run("validate", "--json", os.fspath(tree)))
+    assert len({tuple(r) for r in validated}) == 1
+
+
+def test_inspect_names_the_known_models_and_whether_it_needs_patching(make_file: MakeFile, dev_config: str) -> None:
+    path = make_file()
+    lines = run("inspect", os.fspath(path)).stdout.splitlines()
+    assert "known models it matches: flux.1-dev, flux.1-kontext-dev, flux.1-krea-dev" in lines
+    assert (
+        "needs patching: yes (fails to load in: nunchaku, nunchaku-v2, comfyui-nunchaku); "
+        f"fix: nunchaku-patch {path}" in lines
+    )
+    run(os.fspath(path), "--config", dev_config, "-q")
+    record = json_records(run("inspect", "--json", os.fspath(path)))[0]
+    assert record["needs_patching"] is False and record["fix"] is None
+    assert "needs patching: no (every loader accepts it)" in run("inspect", os.fspath(path)).stdout.splitlines()

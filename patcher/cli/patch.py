@@ -87,7 +87,7 @@ def command(
     Examples:
       nunchaku-patch existing.safetensors --model flux.1-dev
       nunchaku-patch existing.safetensors --config transformer/config.json
-      nunchaku-patch model.safetensors --config-yaml flux.1-dev.yaml --config-yaml int4.yaml
+      nunchaku-patch model.safetensors --config-yaml model.yaml --config-yaml svdquant.yaml
       nunchaku-patch ~/ComfyUI/models/diffusion_models/ --dry-run
       nunchaku-patch ~/models/ --check
     """

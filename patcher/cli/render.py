@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..facts import Finding
 from ..header import ALIGNMENT, PREFIX_SIZE
 from ..plan import PatchPlan, inference_json
 from ..splice import WriteResult
+
+if TYPE_CHECKING:
+    from .. import contract
 
 #: The fields of every ``--json`` record of ``patch`` and ``merge``, whatever its status (``null`` where n/a).
 WRITE_FIELDS = (
@@ -87,11 +92,26 @@ def size(n: int) -> str:
     raise AssertionError  # unreachable: the loop returns at GiB
 
 
+def fix_command(path: str, result: contract.Report) -> str:
+    """Return the command line that fixes ``path`` (or what to do when no command can)."""
+    from ..plan import half_file_fix
+
+    if result.by_code("missing-unquantized"):
+        return half_file_fix(path)
+    quoted = shlex.quote(path)
+    if os.path.islink(path):
+        # A Hugging Face cache entry links to a shared blob: write a patched copy instead.
+        name = shlex.quote(os.path.basename(path))
+        return f"nunchaku-patch {quoted} -o {name} (a patched copy here; the link and its blob stay as they are)"
+    return f"nunchaku-patch {quoted}"
+
+
 __all__ = [
     "RESTORE_FIELDS",
     "VALIDATE_FIELDS",
     "WRITE_FIELDS",
     "findings_json",
+    "fix_command",
     "header_json",
     "header_json_of",
     "plan_details",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import shlex
 import sys
 from typing import TYPE_CHECKING
 
@@ -15,10 +13,9 @@ from ..report import Record, Report, Status
 from .batch import Target, collect, load_header, output_key, require_paths, run_one, summarize
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .render import VALIDATE_FIELDS, findings_json, plural
+from .render import VALIDATE_FIELDS, findings_json, fix_command, plural
 
 if TYPE_CHECKING:
-    from .. import contract
     from ..contract import Check
 
 
@@ -142,18 +139,4 @@ def _check_detail(check: Check) -> str:
     return f": {check.detail}" if check.detail else ""
 
 
-def fix_command(path: str, result: contract.Report) -> str:
-    """Return the command line that fixes ``path`` (or what to do when no command can)."""
-    from ..plan import half_file_fix
-
-    if result.by_code("missing-unquantized"):
-        return half_file_fix(path)
-    quoted = shlex.quote(path)
-    if os.path.islink(path):
-        # A Hugging Face cache entry links to a shared blob: write a patched copy instead.
-        name = shlex.quote(os.path.basename(path))
-        return f"nunchaku-patch {quoted} -o {name} (a patched copy here; the link and its blob stay as they are)"
-    return f"nunchaku-patch {quoted}"
-
-
-__all__ = ["command", "fix_command"]
+__all__ = ["command"]
