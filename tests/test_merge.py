@@ -559,3 +559,23 @@ def test_cli_two_folders_with_the_same_output_name_are_not_silently_overwritten(
     assert result.exit_code == 3
     assert "output-clash" not in result.stderr and "is also where" in result.stderr
     assert [p.name for p in out_dir.iterdir()] == ["svdq-int4_r32-same.safetensors"]
+
+
+def test_cli_output_folder_with_a_trailing_slash_is_created(
+    make_folder: MakeFolder, config_file: Path, tmp_path: Path
+) -> None:
+    make_folder("one", parent=tmp_path / "tree")
+    make_folder("two", parent=tmp_path / "tree", seed=2)
+    out_dir = tmp_path / "merged"
+    args = [os.fspath(tmp_path / "tree"), "--config", os.fspath(config_file), "-o", os.fspath(out_dir) + "/"]
+    dry = run_cli(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert not out_dir.exists()  # a dry run creates nothing
+    assert f"would merge {tmp_path / 'tree' / 'one'} -> {out_dir / 'svdq-int4_r32-one.safetensors'}" in dry.stderr
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "svdq-int4_r32-one.safetensors",
+        "svdq-int4_r32-two.safetensors",
+    ]
+    assert result.stderr.splitlines()[-1] == "2 merged"
