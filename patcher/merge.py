@@ -29,7 +29,7 @@ from . import _platform as plat
 from . import journal as jn
 from . import models
 from .errors import HeaderError, PatchError, UsageError, WriteError
-from .facts import Precision
+from .facts import BLOCKS_FILE, UNQUANTIZED_FILE, Precision
 from .header import (
     ALIGNMENT,
     PREFIX_SIZE,
@@ -47,8 +47,6 @@ from .plan import PatchPlan, Planner
 from .splice import _copy_length, check_output_target
 
 #: The two files deepcompressor's nunchaku backend writes (``backend/nunchaku/convert.py``), blocks first.
-BLOCKS_FILE = "transformer_blocks.safetensors"
-UNQUANTIZED_FILE = "unquantized_layers.safetensors"
 SOURCE_FILES = (BLOCKS_FILE, UNQUANTIZED_FILE)
 #: Config files older conversion folders carry (the legacy ``svdq-int4-flux.1-dev`` repositories), used verbatim.
 FOLDER_CONFIG = "config.json"
@@ -308,7 +306,8 @@ def output_name(precision: Precision, rank: int | None, model: str) -> str:
 
 
 def _output_path(folder: Path, name: str, output: str | os.PathLike[str] | None) -> str:
-    if output is not None and not os.path.isdir(output):
+    # A trailing separator names a folder, also one not created yet (a dry run of ``-o new/``).
+    if output is not None and not os.path.isdir(output) and not os.fspath(output).endswith(("/", os.sep)):
         return os.fspath(output)
     if output is not None:
         return os.path.join(output, name)
