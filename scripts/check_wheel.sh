@@ -17,8 +17,21 @@ BUILDER="$VENV/bin/python"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/nunchaku-patch-wheel.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
+# Build from a copy of the files git knows (tracked, or new and not ignored), as a fresh clone would: a stale
+# *.egg-info/SOURCES.txt in this folder would otherwise slip files into the sdist that package_data leaves out.
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "check_wheel.sh: needs a git checkout" >&2; exit 2; }
+git ls-files -z --cached --others --exclude-standard | "$BUILDER" -c '
+import shutil, sys
+from pathlib import Path
+for name in sys.stdin.buffer.read().decode().split("\0"):
+    if name and Path(name).is_file():
+        (Path(sys.argv[1]) / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(name, Path(sys.argv[1]) / name)
+' "$WORK/src"
+(cd "$WORK/src" && find patcher -type f) >"$WORK/expected"
+
 echo "check_wheel.sh: building the sdist and the wheel with $("$BUILDER" --version)" >&2
-"$BUILDER" -m build --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; exit 1; }
+"$BUILDER" -m build --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; exit 1; }
 WHEEL="$(echo "$WORK"/dist/*.whl)"
 SDIST="$(echo "$WORK"/dist/*.tar.gz)"
 [ -f "$WHEEL" ] && [ -f "$SDIST" ] || { echo "check_wheel.sh: expected one wheel and one sdist" >&2; exit 1; }
@@ -27,13 +40,8 @@ echo "check_wheel.sh: built $(basename "$SDIST") and $(basename "$WHEEL")" >&2
 "$BUILDER" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install --quiet "$WHEEL"
 
-# Every file git tracks under patcher/ must be in the installed package, and the package must be the installed
-# one (run from an empty folder, so this checkout is not on sys.path).
-if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    git -C "$REPO" ls-files -- patcher >"$WORK/expected"
-else
-    (cd "$REPO" && find patcher -type f ! -path '*/__pycache__/*' ! -name '*.pyc') >"$WORK/expected"
-fi
+# Every file of patcher/ must be in the installed package, and the package must be the installed one (run from an
+# empty folder, so this checkout is not on sys.path).
 mkdir "$WORK/empty"
 (cd "$WORK/empty" && "$WORK/venv/bin/python" - "$WORK/expected" "$WORK/venv" <<'EOF'
 import sys
