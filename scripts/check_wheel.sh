@@ -7,7 +7,6 @@
 #   VENV=.venv bash scripts/check_wheel.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO="$PWD"
 VENV="${VENV:-.venv}"
 BUILDER="$VENV/bin/python"
 "$BUILDER" -m build --version >/dev/null 2>&1 || {
@@ -34,7 +33,7 @@ echo "check_wheel.sh: building the sdist and the wheel with $("$BUILDER" --versi
 "$BUILDER" -m build --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; exit 1; }
 WHEEL="$(echo "$WORK"/dist/*.whl)"
 SDIST="$(echo "$WORK"/dist/*.tar.gz)"
-[ -f "$WHEEL" ] && [ -f "$SDIST" ] || { echo "check_wheel.sh: expected one wheel and one sdist" >&2; exit 1; }
+if [ ! -f "$WHEEL" ] || [ ! -f "$SDIST" ]; then echo "check_wheel.sh: expected one wheel and one sdist" >&2; exit 1; fi
 echo "check_wheel.sh: built $(basename "$SDIST") and $(basename "$WHEEL")" >&2
 
 "$BUILDER" -m venv "$WORK/venv"
