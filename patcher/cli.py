@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -24,7 +25,7 @@ from .errors import HeaderError, LockedError, PatchError
 from .facts import PRECISIONS, Finding, Severity
 from .header import ALIGNMENT, PREFIX_SIZE, Header, read_header
 from .metadata import pretty_value
-from .plan import PatchOptions, PatchPlan, Planner, inference_json
+from .plan import MetadataPlan, PatchOptions, PatchPlan, Planner, inference_json
 from .report import ExitCode, Record, Report, Status, exit_code_for
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -247,10 +248,22 @@ def main() -> None:
     """
 
 
+def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Complete ``--model`` with the known models' names, then their aliases (read from the registry)."""
+    from .models import completion_names
+
+    return completion_names(incomplete)
+
+
 def config_options(func: F) -> F:
     """Add the options that say where the config comes from and what to write (shared by patch and merge)."""
     options = [
-        click.option("--model", metavar="NAME|REPO_ID", help="Known model name or Hugging Face repo id (flux.1-dev)."),
+        click.option(
+            "--model",
+            metavar="NAME|REPO_ID",
+            help="Known model name or Hugging Face repo id (flux.1-dev; see `nunchaku-patch models`).",
+            shell_complete=_complete_model,
+        ),
         click.option("--model-path", metavar="DIR|REPO_ID", help="Local diffusers folder (or repo id) holding it."),
         click.option(
             "--config", "config_file", metavar="FILE", help="The transformer's config.json (merge: beats the folder's)."
@@ -322,18 +335,7 @@ def patch_command(
       nunchaku-patch ~/models/ --check --json
     """
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
-    if output is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
-        got = f"{len(paths)} inputs" if len(paths) != 1 else "a folder"
-        _usage_error(
-            console,
-            f"-o/--output takes exactly one input file (got {got}). patch several files in place, or run once per file",
-        )
-    if output is not None and backup:
-        _usage_error(
-            console,
-            "--backup and -o/--output do not mix: -o never changes the source, so there is "
-            "nothing to back up. drop --backup",
-        )
+    check_output_option(console, paths, output, backup)
     planner = make_planner(
         console,
         PatchOptions(
@@ -371,6 +373,47 @@ def patch_command(
     sys.exit(report.exit_code)
 
 
+def check_output_option(
+    console: Console, paths: Sequence[str], output: str | None, backup: bool, *, verb: str = "patch"
+) -> None:
+    """Exit with a usage error unless ``-o`` comes with exactly one input file and no ``--backup``."""
+    if output is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
+        got = f"{len(paths)} inputs" if len(paths) != 1 else "a folder"
+        _usage_error(
+            console,
+            f"-o/--output takes exactly one input file (got {got}). "
+            f"{verb} several files in place, or run once per file",
+        )
+    if output is not None and backup:
+        _usage_error(
+            console,
+            "--backup and -o/--output do not mix: -o never changes the source, so there is "
+            "nothing to back up. drop --backup",
+        )
+
+
+@dataclass(frozen=True)
+class Verbs:
+    """How the status lines name what happens to a file (``patched``, ``would patch``, ``already correct``)."""
+
+    done: str = "patched"
+    would: str = "would patch"
+    same: str = "already correct"
+
+
+def read_for_write(console: Console, path: str, *, writing: bool, output: str | None, follow_symlinks: bool) -> Header:
+    """Finish or roll back an interrupted write of ``path`` (when this run writes in place), then read its header."""
+    if os.path.lexists(splice.journal_path(os.path.realpath(path))):
+        if writing and output is None:
+            # The header may be half-written: finish or roll back before reading it.
+            what = splice.recover(os.path.realpath(path) if follow_symlinks else path)
+            if what:
+                console.status(f"recovered {path}: an interrupted patch was {what}")
+        else:
+            console.warning(f"{path}: has an interrupted patch; run without --dry-run/--check/-o to finish it")
+    return _read_header(path)
+
+
 def _patch_one(
     console: Console,
     planner: Planner,
@@ -383,15 +426,7 @@ def _patch_one(
     follow_symlinks: bool,
 ) -> Record:
     """Plan one file, then write it, or show what would be written."""
-    if os.path.lexists(splice.journal_path(os.path.realpath(path))):
-        if writing and output is None:
-            # The header may be half-written: finish or roll back before reading it.
-            what = splice.recover(os.path.realpath(path) if follow_symlinks else path)
-            if what:
-                console.status(f"recovered {path}: an interrupted patch was {what}")
-        else:
-            console.warning(f"{path}: has an interrupted patch; run without --dry-run/--check/-o to finish it")
-    header = _read_header(path)
+    header = read_for_write(console, path, writing=writing, output=output, follow_symlinks=follow_symlinks)
     plan = planner.plan(path, header)
     record = Record(path, Status.UNCHANGED, details=_plan_details(plan), findings=_findings_json(plan.findings))
     for line in _evidence_lines(plan):
@@ -401,8 +436,38 @@ def _patch_one(
             console.warning(f"{path}: {finding.message} (overridden by --force)")
         elif finding.severity is Severity.WARNING:
             console.warning(f"{path}: {finding.message}")
+    return apply_plan(
+        console,
+        plan,
+        record,
+        writing=writing,
+        show_diff=show_diff,
+        backup=backup,
+        output=output,
+        follow_symlinks=follow_symlinks,
+    )
+
+
+def apply_plan(
+    console: Console,
+    plan: MetadataPlan,
+    record: Record,
+    *,
+    writing: bool,
+    show_diff: bool,
+    backup: bool,
+    output: str | None,
+    follow_symlinks: bool,
+    verbs: Verbs = Verbs(),
+) -> Record:
+    """Write a metadata plan (a patch, set or unset), or show what would be written; fill in ``record``.
+
+    Every metadata change goes through here to :func:`patcher.splice.write_metadata`: the same strategies,
+    journal, locks, refusals, backup and ``-o`` whatever asked for the change.
+    """
+    path = plan.path
     if not plan.changed and output is None:
-        console.status(f"already correct {path}")
+        console.status(f"{verbs.same} {path}")
         return record
     if not writing:
         if show_diff:
@@ -421,7 +486,7 @@ def _patch_one(
         record.strategy = result.strategy.value
         record.details["header"] = _header_json(result)
         target = f" to {result.output}" if result.output else ""
-        console.status(f"would patch {path}{target} ({result.strategy.value})")
+        console.status(f"{verbs.would} {path}{target} ({result.strategy.value})")
         return record
     result = splice.write_metadata(
         path,
@@ -444,12 +509,12 @@ def _patch_one(
         console.status(f"wrote {result.output}: {what} of {path} ({result.strategy.value}, {sizes})")
     elif not result.changed:
         # Another process patched it between our read and our lock: nothing was written.
-        console.status(f"already correct {path}")
+        console.status(f"{verbs.same} {path}")
         record.strategy = None
     else:
         record.status = Status.PATCHED
         saved = f", old header saved to {result.backup}" if result.backup else ""
-        console.status(f"patched {path} ({result.strategy.value}, {sizes}{saved})")
+        console.status(f"{verbs.done} {path} ({result.strategy.value}, {sizes}{saved})")
     return record
 
 
@@ -636,34 +701,78 @@ def validate_command(paths: tuple[str, ...], json_mode: bool, verbose: int, quie
 
 
 @main.command("inspect", context_settings=CONTEXT_SETTINGS, short_help="Summarize a file's header and metadata.")
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
+@click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor: name, dtype, shape, bytes, offset.")
+@click.option("--filter", "patterns", multiple=True, metavar="GLOB", help="Only tensors matching GLOB (repeatable).")
+@click.option("--markdown", is_flag=True, help="Print the summary and the tensor table as Markdown.")
+@click.option("--diff", "compare", is_flag=True, help="Compare two files: metadata, tensors only in one, dtype/shape.")
 @_output_options
-def inspect_command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) -> None:
+def inspect_command(
+    paths: tuple[str, ...],
+    list_tensors: bool,
+    patterns: tuple[str, ...],
+    markdown: bool,
+    compare: bool,
+    json_mode: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
     """Summarize each file's header, what the tensors say (with evidence), and its current metadata.
 
+    --tensors (or --filter GLOB) adds the tensor table; --markdown prints it all as Markdown, to
+    paste into an issue; --json records always hold the tensor table. `inspect A B --diff` shows
+    what differs between two files: metadata keys, tensors only in one, dtype or shape changes.
+
     \b
-    Example:
+    Examples:
       nunchaku-patch inspect svdq-int4_r32-flux.1-dev.safetensors
+      nunchaku-patch inspect model.safetensors --filter '*.lora_down'
+      nunchaku-patch inspect model.safetensors --markdown > report.md
+      nunchaku-patch inspect loads.safetensors fails.safetensors --diff
     """
     from .inspect import describe, infer
+    from .tensors import diff_headers, markdown_report, render_header_diff, tensor_rows, tensor_table
 
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
     report = Report()
+    if compare:
+        if len(paths) != 2:
+            _usage_error(console, f"--diff compares exactly two files (got {len(paths)}). name two .safetensors files")
+        first, second = paths
+
+        def differ() -> Record:
+            diff = diff_headers(_read_header(first), _read_header(second))
+            console.data(console.style(f"# {first} -> {second}", bold=True))
+            for line in render_header_diff(diff, first, second):
+                console.data(_colour_diff(console, line))
+            return Record(first, Status.INSPECTED, details={"other": second, "diff": diff.to_json()})
+
+        console.record(report.add(_run_one(console, differ, first)))
+        sys.exit(report.exit_code)
     files = _collect(paths, report, console)
 
     def one(path: str) -> Record:
         header = _read_header(path)
         inference = infer(header)
+        rows = tensor_rows(header, patterns)
         if len(report.records) > 0:
             console.data()
-        console.data(console.style(path, bold=True))
-        for line in _header_summary(header):
-            console.data(line)
-        console.data("inferred from the tensors:")
-        for line in describe(inference):
-            console.data(f"  {line}")
-        for line in _metadata_lines(header):
-            console.data(line)
+        if markdown:
+            for line in markdown_report(path, header, describe(inference), rows):
+                console.data(line)
+        else:
+            console.data(console.style(path, bold=True))
+            for line in _header_summary(header):
+                console.data(line)
+            console.data("inferred from the tensors:")
+            for line in describe(inference):
+                console.data(f"  {line}")
+            for line in _metadata_lines(header):
+                console.data(line)
+            if list_tensors or patterns:
+                console.data(f"tensors ({len(rows):,} of {len(header.tensors):,}):")
+                for line in tensor_table(rows):
+                    console.data(f"  {line}")
         histogram = _dtype_histogram(header)
         details = {
             "tensors": len(header.tensors),
@@ -677,6 +786,7 @@ def inspect_command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet
             "warnings": list(header.warnings),
             "inferred": inference_json(inference),
             "metadata": dict(header.metadata) if header.metadata is not None else None,
+            "tensor_table": [row.to_json() for row in rows],
         }
         return Record(path, Status.INSPECTED, details=details)
 
@@ -919,6 +1029,8 @@ __all__ = ["Console", "main"]
 
 
 # Registered last: cli_merge reuses this module's Console and helpers, so it must import a complete module.
+from .cli_edit import models_command, set_command, unset_command  # noqa: E402
 from .cli_merge import merge_command  # noqa: E402
 
-main.add_command(merge_command)
+for _command in (merge_command, set_command, unset_command, models_command):
+    main.add_command(_command)
