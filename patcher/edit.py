@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -255,11 +255,6 @@ class Editor:
         return plan_edit(path, header, self.edit)
 
 
-def set_edit(assignments: Sequence[Assignment], *, force: bool = False) -> Edit:
-    """Return the edit that sets each assignment."""
-    return Edit(set_items={a.key: a.value for a in assignments}, force=force)
-
-
 __all__ = [
     "LOADER_KEYS",
     "Assignment",
@@ -272,5 +267,4 @@ __all__ = [
     "parse_assignment",
     "parse_assignments",
     "plan_edit",
-    "set_edit",
 ]

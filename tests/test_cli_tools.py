@@ -125,6 +125,16 @@ def test_inspect_diff_needs_exactly_two_files(files: dict[str, Path]) -> None:
     assert result.exit_code == 2 and "--diff compares exactly two files" in errors(result)[0]
 
 
+def test_inspect_options_in_a_real_process(files: dict[str, Path]) -> None:
+    markdown = process("inspect", files["fp4"], "--markdown", "--filter", "*.wtscale")
+    compared = process("inspect", files["dev"], files["fp4"], "--diff", "--json")
+
+    assert markdown.returncode == 0 and compared.returncode == 0, markdown.stderr + compared.stderr
+    assert "- precision: nvfp4" in markdown.stdout and ".wtscale` |" in markdown.stdout
+    [record] = records(compared)
+    assert record["status"] == "inspected" and record["diff"]["identical"] is False
+
+
 # --------------------------------------------------------------------------------------------
 # models
 
