@@ -183,7 +183,7 @@ def test_precision_completes_with_its_choices() -> None:
 
 def test_subcommands_complete() -> None:
     assert {"set", "unset", "models", "patch", "inspect"} <= set(_complete([], ""))
-    assert _complete([], "un") == ["unset"]
+    assert _complete([], "un") == ["unset", "un"]  # the command, then the shell's file names
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="the nunchaku-patch script is not installed")
@@ -212,3 +212,14 @@ def test_bash_completion_of_model_in_a_real_process() -> None:
 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"plain,{name}" for name in models.completion_names("flux.1-s")]
+
+
+def test_paths_complete_as_files_for_the_shell(tmp_path: Path) -> None:
+    # click hands file completion to the shell for Path arguments; a plain string argument completes nothing.
+    completer = ShellComplete(cli.main, {}, "nunchaku-patch", COMPLETE_VAR)
+    for args in (["validate"], ["inspect"], ["set"], ["unset"], ["restore"], ["patch"], ["x.safetensors"]):
+        items = completer.get_completions(args, "mod")
+        assert [(i.type, i.value) for i in items] == [("file", "mod")], args
+    # The first word: a command, or a file to patch.
+    assert [(i.type, i.value) for i in completer.get_completions([], "mod")] == [("plain", "models"), ("file", "mod")]
+    assert [(i.type, i.value) for i in completer.get_completions(["merge"], "out")] == [("dir", "out")]
