@@ -17,7 +17,7 @@ from ..report import ExitCode, Record, Status
 from .batch import fail
 from .console import Console
 from .render import findings_json
-from .write import Verbs, apply_plan, check_output_option, read_for_write, run_files, warn_findings
+from .write import Verbs, WriteMode, apply_plan, check_output_option, read_for_write, run_files, warn_findings
 
 SUFFIX = ".safetensors"
 #: Help of the write options of both commands.
@@ -52,68 +52,27 @@ def _details(plan: EditPlan) -> dict[str, Any]:
     }
 
 
-def _edit_one(
-    console: Console,
-    editor: Editor,
-    path: str,
-    *,
-    writing: bool,
-    show_diff: bool,
-    backup: bool,
-    output: str | None,
-    follow_symlinks: bool,
-    verbs: Verbs,
-) -> Record:
+def _edit_one(console: Console, editor: Editor, mode: WriteMode, verbs: Verbs, path: str) -> Record:
     """Plan one file's edit, then write it, or show what would be written."""
-    header = read_for_write(console, path, writing=writing, output=output, follow_symlinks=follow_symlinks)
+    header = read_for_write(console, path, mode)
     plan = editor.plan(path, header)
     record = Record(path, Status.UNCHANGED, details=_details(plan), findings=findings_json(plan.findings))
     for key in plan.absent:
         console.status(f"{path}: no key {key!r} to remove")
     warn_findings(console, path, plan.findings)
-    return apply_plan(
-        console,
-        plan,
-        record,
-        writing=writing,
-        show_diff=show_diff,
-        backup=backup,
-        output=output,
-        follow_symlinks=follow_symlinks,
-        verbs=verbs,
-    )
+    return apply_plan(console, plan, record, mode, verbs)
 
 
 def run_edit(
-    console: Console,
-    make_edit: Callable[[], Edit],
-    paths: Sequence[str],
-    *,
-    dry_run: bool,
-    check: bool,
-    backup: bool,
-    output: str | None,
-    follow_symlinks: bool,
-    verbs: Verbs,
+    console: Console, make_edit: Callable[[], Edit], paths: Sequence[str], mode: WriteMode, verbs: Verbs
 ) -> NoReturn:
     """Check the options, build the edit (a bad entry is a usage error), then edit every file below ``paths``."""
-    check_output_option(console, paths, output, backup, verbs)
+    check_output_option(console, paths, mode, verbs)
     try:
         editor = Editor(make_edit())
     except PatchError as exc:
         fail(console, exc, ExitCode.USAGE)
-    one = functools.partial(
-        _edit_one,
-        console,
-        editor,
-        writing=not (dry_run or check),
-        show_diff=dry_run,
-        backup=backup,
-        output=output,
-        follow_symlinks=follow_symlinks,
-        verbs=verbs,
-    )
-    run_files(console, paths, one, check=check)
+    run_files(console, paths, mode, functools.partial(_edit_one, console, editor, mode, verbs))
 
 
 __all__ = ["COPY", "FORCE", "run_edit", "split_set_args", "split_unset_args"]

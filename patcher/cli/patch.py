@@ -13,7 +13,15 @@ from .batch import make_planner
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
 from .render import findings_json
-from .write import apply_plan, check_output_option, read_for_write, run_files, warn_findings, write_options
+from .write import (
+    WriteMode,
+    apply_plan,
+    check_output_option,
+    read_for_write,
+    run_files,
+    warn_findings,
+    write_options,
+)
 
 
 @click.command(
@@ -60,7 +68,8 @@ def command(
       nunchaku-patch ~/models/ --check --json
     """
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
-    check_output_option(console, paths, output, backup)
+    mode = WriteMode(dry_run, check, backup, output, follow_symlinks)
+    check_output_option(console, paths, mode)
     planner = make_planner(
         console,
         PatchOptions(
@@ -77,47 +86,18 @@ def command(
             force=force,
         ),
     )
-    one = functools.partial(
-        _patch_one,
-        console,
-        planner,
-        writing=not (dry_run or check),
-        show_diff=dry_run,
-        backup=backup,
-        output=output,
-        follow_symlinks=follow_symlinks,
-    )
-    run_files(console, paths, one, check=check)  # a plain dry run exits 0: only --check makes found work exit 1
+    run_files(console, paths, mode, functools.partial(_patch_one, console, planner, mode))
 
 
-def _patch_one(
-    console: Console,
-    planner: Planner,
-    path: str,
-    *,
-    writing: bool,
-    show_diff: bool,
-    backup: bool,
-    output: str | None,
-    follow_symlinks: bool,
-) -> Record:
+def _patch_one(console: Console, planner: Planner, mode: WriteMode, path: str) -> Record:
     """Plan one file, then write it, or show what would be written."""
-    header = read_for_write(console, path, writing=writing, output=output, follow_symlinks=follow_symlinks)
+    header = read_for_write(console, path, mode)
     plan = planner.plan(path, header)
     record = Record(path, Status.UNCHANGED, details=_plan_details(plan), findings=findings_json(plan.findings))
     for line in _evidence_lines(plan):
         console.debug(line)
     warn_findings(console, path, plan.findings)
-    return apply_plan(
-        console,
-        plan,
-        record,
-        writing=writing,
-        show_diff=show_diff,
-        backup=backup,
-        output=output,
-        follow_symlinks=follow_symlinks,
-    )
+    return apply_plan(console, plan, record, mode)
 
 
 def _plan_details(plan: PatchPlan) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from .batch import usage_error
 from .console import Console
 from .edit import COPY, FORCE, run_edit, split_set_args
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .write import Verbs, write_options
+from .write import Verbs, WriteMode, write_options
 
 VERBS = Verbs(verb="edit", done="set", would="would set", same="already set")
 
@@ -60,12 +60,8 @@ def command(
         console,
         make_edit,
         paths,
-        dry_run=dry_run,
-        check=check,
-        backup=backup,
-        output=output,
-        follow_symlinks=follow_symlinks,
-        verbs=VERBS,
+        WriteMode(dry_run, check, backup, output, follow_symlinks),
+        VERBS,
     )
 
 

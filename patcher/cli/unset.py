@@ -9,7 +9,7 @@ from .batch import usage_error
 from .console import Console
 from .edit import COPY, FORCE, SUFFIX, run_edit, split_unset_args
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .write import Verbs, write_options
+from .write import Verbs, WriteMode, write_options
 
 VERBS = Verbs(verb="edit", done="unset", would="would unset", same="nothing to remove in")
 
@@ -54,12 +54,8 @@ def command(
         console,
         lambda: Edit(unset_keys=tuple(dict.fromkeys(keys)), unset_all=unset_all, force=force),
         paths,
-        dry_run=dry_run,
-        check=check,
-        backup=backup,
-        output=output,
-        follow_symlinks=follow_symlinks,
-        verbs=VERBS,
+        WriteMode(dry_run, check, backup, output, follow_symlinks),
+        VERBS,
     )
 
 

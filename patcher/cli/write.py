@@ -49,6 +49,22 @@ class Verbs:
     same: str = "already correct"
 
 
+@dataclass(frozen=True)
+class WriteMode:
+    """What a run does with each plan, from the write options: write it (in place or to ``-o``), or show it."""
+
+    dry_run: bool = False
+    check: bool = False
+    backup: bool = False
+    output: str | None = None
+    follow_symlinks: bool = False
+
+    @property
+    def writing(self) -> bool:
+        """Return whether files are written (not a dry run, not ``--check``)."""
+        return not (self.dry_run or self.check)
+
+
 def write_options(*, copy: str, force: str) -> Callable[[F], F]:
     """Return the decorator adding the write options: dry run, check, backup, -o, symlinks, force."""
 
@@ -70,18 +86,16 @@ def write_options(*, copy: str, force: str) -> Callable[[F], F]:
     return add
 
 
-def check_output_option(
-    console: Console, paths: Sequence[str], output: str | None, backup: bool, verbs: Verbs = Verbs()
-) -> None:
+def check_output_option(console: Console, paths: Sequence[str], mode: WriteMode, verbs: Verbs = Verbs()) -> None:
     """Exit with a usage error unless ``-o`` comes with exactly one input file and without ``--backup``."""
-    if output is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
+    if mode.output is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
         got = f"{len(paths)} inputs" if len(paths) != 1 else "a folder"
         usage_error(
             console,
             f"-o/--output takes exactly one input file (got {got}). "
             f"{verbs.verb} several files in place, or run once per file",
         )
-    if output is not None and backup:
+    if mode.output is not None and mode.backup:
         usage_error(
             console,
             "--backup and -o/--output do not mix: -o never changes the source, so there is "
@@ -89,12 +103,12 @@ def check_output_option(
         )
 
 
-def run_files(console: Console, paths: Sequence[str], one: Callable[[str], Record], *, check: bool) -> NoReturn:
+def run_files(console: Console, paths: Sequence[str], mode: WriteMode, one: Callable[[str], Record]) -> NoReturn:
     """Run ``one`` on every file below ``paths``, print the summary and exit with the report's code.
 
-    ``check``: whether a file that would change makes the run exit 1 (``--check``; a plain dry run exits 0).
+    Only ``--check`` makes a file that would change exit 1; a plain dry run exits 0.
     """
-    report = Report(check=check)
+    report = Report(check=mode.check)
     files = collect(paths, report, console)
     for index, path in enumerate(files, 1):
         console.progress(index, len(files), path)
@@ -103,12 +117,12 @@ def run_files(console: Console, paths: Sequence[str], one: Callable[[str], Recor
     sys.exit(report.exit_code)
 
 
-def read_for_write(console: Console, path: str, *, writing: bool, output: str | None, follow_symlinks: bool) -> Header:
+def read_for_write(console: Console, path: str, mode: WriteMode) -> Header:
     """Finish or roll back an interrupted write of ``path`` (when this run writes in place), then read its header."""
     if os.path.lexists(splice.journal_path(os.path.realpath(path))):
-        if writing and output is None:
+        if mode.writing and mode.output is None:
             # The header may be half-written: finish or roll back before reading it.
-            what = splice.recover(os.path.realpath(path) if follow_symlinks else path)
+            what = splice.recover(os.path.realpath(path) if mode.follow_symlinks else path)
             if what:
                 console.status(f"recovered {path}: an interrupted patch was {what}")
         else:
@@ -129,21 +143,16 @@ def apply_plan(
     console: Console,
     plan: MetadataPlan,
     record: Record,
-    *,
-    writing: bool,
-    show_diff: bool,
-    backup: bool,
-    output: str | None,
-    follow_symlinks: bool,
+    mode: WriteMode,
     verbs: Verbs = Verbs(),
 ) -> Record:
     """Write ``plan`` (or, not ``writing``, show what would be written) and fill in ``record``."""
-    path = plan.path
+    path, output, follow_symlinks = plan.path, mode.output, mode.follow_symlinks
     if not plan.changed and output is None:
         console.status(f"{verbs.same} {path}")
         return record
-    if not writing:
-        if show_diff:
+    if not mode.writing:
+        if mode.dry_run:
             diff = plan.diff()
             record.details["diff"] = diff
             console.data(console.style(f"# {path}", bold=True))
@@ -153,7 +162,7 @@ def apply_plan(
         result = splice.write_metadata(
             path, plan.new_metadata, output=output, dry_run=True, follow_symlinks=follow_symlinks
         )
-        if show_diff:
+        if mode.dry_run:
             console.data(console.style(f"# {layout_line(result)}", bold=True))
         record.status = Status.WOULD_PATCH
         record.strategy = result.strategy.value
@@ -165,7 +174,7 @@ def apply_plan(
         path,
         plan.new_metadata,
         output=output,
-        backup=backup,
+        backup=mode.backup,
         follow_symlinks=follow_symlinks,
         expected=None if output is not None else plan.header,
     )
@@ -210,6 +219,7 @@ def layout_line(result: splice.WriteResult) -> str:
 __all__ = [
     "STRATEGY_NOTES",
     "Verbs",
+    "WriteMode",
     "apply_plan",
     "check_output_option",
     "layout_line",
