@@ -32,7 +32,7 @@ def command(json_mode: bool) -> None:
     for index, model in enumerate(known):
         if index:
             click.echo()
-        click.echo(f"{model.name:<{width}}  {model.family.value:<{family_width}}  {model.repo_id}")
+        click.echo(f"{model.name:<{width}}  {model.family.value:<{family_width}}  {model.repo_id}, {model.repo_file}")
         click.echo(f"  config: {config_note(model)} ({model.certainty})")
         click.echo(f"  aliases: {', '.join(model_json(model)['aliases'])}")
 
