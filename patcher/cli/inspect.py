@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import click
 
+from ..facts import Inference
 from ..header import Header
 from ..metadata import pretty_value
 from ..plan import inference_json
@@ -21,10 +22,10 @@ from ..tensors import (
     tensor_rows,
     tensor_table,
 )
-from .batch import collect, load_header, run_one, usage_error
+from .batch import collect, load_header, require_paths, run_one, usage_error
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .render import colour_diff, size
+from .render import colour_diff, fix_command, size
 
 
 @click.command(
@@ -59,18 +60,23 @@ def command(
       nunchaku-patch inspect model.safetensors --markdown > report.md
       nunchaku-patch inspect loads.safetensors fails.safetensors --diff
     """
+    from ..contract import validate_metadata
     from ..inspect import describe, infer
 
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    require_paths(console, paths)
     report = Report()
     if compare:
         _compare(console, report, paths)
-    files = collect(paths, report, console)
+    files = [target.path for target in collect(paths, report, console)]
 
     def one(path: str) -> Record:
         header = load_header(path)
         inference = infer(header)
         rows = tensor_rows(header, patterns)
+        matches = _known_matches(inference)
+        verdict = validate_metadata(header.metadata, inference)
+        fix = None if verdict.ok or not inference.quantized else fix_command(path, verdict)
         if len(report.records) > 0:
             console.data()
         if markdown:
@@ -83,8 +89,14 @@ def command(
             console.data("inferred from the tensors:")
             for line in describe(inference):
                 console.data(f"  {line}")
+            console.data("known models it matches: " + (", ".join(matches) or "none"))
             for line in metadata_lines(header):
                 console.data(line)
+            if fix is None:
+                console.data("needs patching: no (every loader accepts it)" if verdict.ok else "needs patching: no")
+            else:
+                failing = ", ".join(k for k, v in verdict.verdicts.items() if not v.ok)
+                console.data(f"needs patching: yes (fails to load in: {failing}); fix: {fix}")
             if list_tensors or patterns:
                 console.data(f"tensors ({len(rows):,} of {len(header.tensors):,}):")
                 for line in tensor_table(rows):
@@ -102,6 +114,9 @@ def command(
             "warnings": list(header.warnings),
             "inferred": inference_json(inference),
             "metadata": dict(header.metadata) if header.metadata is not None else None,
+            "matches": matches,
+            "needs_patching": fix is not None,
+            "fix": fix,
             "tensor_table": [row.to_json() for row in rows],
         }
         return Record(path, Status.INSPECTED, details=details)
@@ -128,6 +143,20 @@ def _compare(console: Console, report: Report, paths: Sequence[str]) -> NoReturn
 
     console.record(report.add(run_one(console, differ, first)))
     sys.exit(report.exit_code)
+
+
+def _known_matches(inference: Inference) -> list[str]:
+    """Return the known models whose architecture fits what the tensors say (none for a non-conversion)."""
+    from .. import models
+    from ..resolve import HeaderFacts
+
+    if inference.family is None:
+        return []
+    facts = HeaderFacts.from_inference(inference)
+    fits = models.candidates(
+        facts.family, facts.in_channels, facts.guidance_embeds, facts.num_layers, facts.num_single_layers
+    )
+    return [model.name for model in fits]
 
 
 def header_summary(header: Header) -> list[str]:

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+import os
+import shlex
+import sys
 
 import click
 
-from ..plan import PatchOptions, PatchPlan, Planner, inference_json
-from ..report import Record, Status
-from .batch import make_planner
+from ..errors import InferenceError, PatchError
+from ..facts import BLOCKS_FILE, UNQUANTIZED_FILE
+from ..plan import PatchOptions, PatchPlan, Planner
+from ..report import Record, Report, Status
+from .batch import (
+    Target,
+    collect,
+    make_planner,
+    output_key,
+    require_paths,
+    run_one,
+    summarize,
+)
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
-from .render import findings_json
-from .write import (
-    WriteMode,
-    apply_plan,
-    check_output_option,
-    read_for_write,
-    run_files,
-    warn_findings,
-    write_options,
-)
+from .render import WRITE_FIELDS, findings_json, plan_details
+from .write import WriteMode, apply_plan, check_output_option, read_for_write, warn_findings, write_options
 
 
 @click.command(
@@ -30,6 +34,7 @@ from .write import (
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
 @config_options
 @write_options(copy="a patched copy", force="Write even when the config or overrides contradict the tensors.")
+@click.option("--no-merge", is_flag=True, help="Skip deepcompressor output folders instead of merging them.")
 @output_options
 def command(
     paths: tuple[str, ...],
@@ -49,6 +54,7 @@ def command(
     output: str | None,
     follow_symlinks: bool,
     force: bool,
+    no_merge: bool,
     json_mode: bool,
     verbose: int,
     quiet: bool,
@@ -57,19 +63,21 @@ def command(
 
     The config comes from --config, --model-path, --config-yaml or --model, in that order;
     with none of them the model is recognised from the tensors. Files already correct are not
-    touched.
+    touched. A deepcompressor output folder met on the way (transformer_blocks.safetensors +
+    unquantized_layers.safetensors) is merged into one file, as `merge` does (--no-merge skips it).
 
     \b
     Examples:
       nunchaku-patch existing.safetensors --model flux.1-dev
       nunchaku-patch existing.safetensors --config transformer/config.json
-      nunchaku-patch model.safetensors --config-yaml configs/model/flux.1-dev.yaml configs/svdquant/int4.yaml
-      nunchaku-patch ~/models/old-svdq/ --dry-run
-      nunchaku-patch ~/models/ --check --json
+      nunchaku-patch model.safetensors --config-yaml model.yaml --config-yaml svdquant.yaml
+      nunchaku-patch ~/ComfyUI/models/diffusion_models/ --dry-run
+      nunchaku-patch ~/models/ --check
     """
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=WRITE_FIELDS, terse=check)
     mode = WriteMode(dry_run, check, backup, output, follow_symlinks)
     check_output_option(console, paths, mode)
+    require_paths(console, paths)
     planner = make_planner(
         console,
         PatchOptions(
@@ -86,31 +94,84 @@ def command(
             force=force,
         ),
     )
-    run_files(console, paths, mode, functools.partial(_patch_one, console, planner, mode))
+    writing = not (dry_run or check)
+    report = Report(check=check)  # a plain dry run exits 0: only --check turns found work into exit 1
+    targets = collect(paths, report, console, pairs=True)
+    # Folders first: a merged file already in the tree is reported by its folder, not a second time.
+    ordered = [t for t in targets if t.pair] + [t for t in targets if not t.pair]
+    claimed: dict[str, str] = {}
+    for index, target in enumerate(ordered, 1):
+        if not target.pair and output_key(target.path) in claimed:
+            continue
+        console.progress(index, len(ordered), target.path)
+        if target.pair:
+            work = functools.partial(
+                _merge_folder, console, planner, target.path, writing, dry_run, force, no_merge, claimed
+            )
+        else:
+            work = functools.partial(_patch_one, console, planner, mode, target)
+        console.record(report.add(run_one(console, work, target.path)))
+    summarize(console, report, paths, dry_run=check)
+    sys.exit(report.exit_code)
 
 
-def _patch_one(console: Console, planner: Planner, mode: WriteMode, path: str) -> Record:
+def _merge_folder(
+    console: Console,
+    planner: Planner,
+    folder: str,
+    writing: bool,
+    show: bool,
+    force: bool,
+    no_merge: bool,
+    claimed: dict[str, str],
+) -> Record:
+    """Merge a deepcompressor output folder met by the walk, as ``merge`` would (or skip it: ``--no-merge``)."""
+    from .folders import describe_pair, merge_command_line, merge_one
+
+    if no_merge:
+        fix = merge_command_line(folder)
+        console.status(f"skipped {folder}: {describe_pair()}; merge it into one file with: {fix}")
+        return Record(folder, Status.SKIPPED)
+    return merge_one(
+        console, planner, folder, output=None, dry_run=not writing, force=force, claimed=claimed, show=show
+    )
+
+
+def _half_error(path: str) -> PatchError:
+    """Return the refusal of an ``unquantized_layers.safetensors`` met on its own."""
+    folder = os.path.dirname(path) or "."
+    sibling = os.path.isfile(os.path.join(folder, BLOCKS_FILE))
+    return PatchError(
+        "is the unquantized half of a deepcompressor conversion" + ("" if sibling else f", without its {BLOCKS_FILE}"),
+        path=path,
+        code="incomplete-folder",
+        hint=(
+            f"merge the folder into one file: nunchaku-patch merge {shlex.quote(folder)}"
+            if sibling
+            else f"copy {BLOCKS_FILE} from the conversion's output beside it, then run nunchaku-patch merge on it"
+        ),
+    )
+
+
+def _patch_one(console: Console, planner: Planner, mode: WriteMode, target: Target) -> Record:
     """Plan one file, then write it, or show what would be written."""
+    path = target.path
+    if os.path.basename(path) == UNQUANTIZED_FILE:
+        raise _half_error(path)
     header = read_for_write(console, path, mode)
-    plan = planner.plan(path, header)
-    record = Record(path, Status.UNCHANGED, details=_plan_details(plan), findings=findings_json(plan.findings))
+    try:
+        plan = planner.plan(path, header)
+    except InferenceError as exc:
+        if exc.code != "not-svdquant" or not target.walked:
+            raise
+        # Met by a walk (a VAE, a text encoder, a regular checkpoint): not ours to change, and not a failure.
+        console.status(f"skipped {path}: not an SVDQuant (Nunchaku) conversion")
+        return Record(path, Status.SKIPPED)
+    record = Record(path, Status.UNCHANGED, details=plan_details(plan), findings=findings_json(plan.findings))
     for line in _evidence_lines(plan):
         console.debug(line)
     warn_findings(console, path, plan.findings)
     return apply_plan(console, plan, record, mode)
-
-
-def _plan_details(plan: PatchPlan) -> dict[str, Any]:
-    return {
-        "model": plan.model_name,
-        "config_source": plan.config_source,
-        "family": plan.family.value,
-        "precision": plan.precision,
-        "rank": plan.rank,
-        "inferred": inference_json(plan.inference),
-        "changes": [{"key": c.key, "kind": c.kind} for c in plan.changes if c.kind != "unchanged"],
-        "header": {"old_len": plan.header.header_len, "new_len": plan.header.header_len},
-    }
 
 
 def _evidence_lines(plan: PatchPlan) -> list[str]:

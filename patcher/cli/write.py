@@ -22,7 +22,7 @@ from ..facts import Finding, Severity
 from ..header import ALIGNMENT, PREFIX_SIZE, Header
 from ..plan import MetadataPlan
 from ..report import Record, Report, Status
-from .batch import collect, load_header, run_one, summarize, usage_error
+from .batch import collect, load_header, require_paths, run_one, summarize, usage_error
 from .console import Console
 from .render import colour_diff, header_json
 
@@ -106,14 +106,16 @@ def check_output_option(console: Console, paths: Sequence[str], mode: WriteMode,
 def run_files(console: Console, paths: Sequence[str], mode: WriteMode, one: Callable[[str], Record]) -> NoReturn:
     """Run ``one`` on every file below ``paths``, print the summary and exit with the report's code.
 
-    Only ``--check`` makes a file that would change exit 1; a plain dry run exits 0.
+    A named path that does not exist is a usage error before anything is written. Only ``--check`` makes a
+    file that would change exit 1; a plain dry run exits 0.
     """
+    require_paths(console, paths)
     report = Report(check=mode.check)
-    files = collect(paths, report, console)
-    for index, path in enumerate(files, 1):
-        console.progress(index, len(files), path)
-        console.record(report.add(run_one(console, functools.partial(one, path), path)))
-    summarize(console, report, paths)
+    targets = collect(paths, report, console)
+    for index, target in enumerate(targets, 1):
+        console.progress(index, len(targets), target.path)
+        console.record(report.add(run_one(console, functools.partial(one, target.path), target.path)))
+    summarize(console, report, paths, dry_run=mode.check)
     sys.exit(report.exit_code)
 
 
@@ -168,7 +170,7 @@ def apply_plan(
         record.strategy = result.strategy.value
         record.details["header"] = header_json(result)
         target = f" to {result.output}" if result.output else ""
-        console.status(f"{verbs.would} {path}{target} ({result.strategy.value})")
+        console.change(f"{verbs.would} {path}{target} ({result.strategy.value})")
         return record
     result = splice.write_metadata(
         path,
