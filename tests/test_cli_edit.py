@@ -413,3 +413,17 @@ def test_a_set_killed_mid_write_is_repaired_by_the_next_run(
     assert oracle(path) == {"format": "pt", "modelspec.title": "t" * 5000}
     assert data_region(path) == data
     assert [p.name for p in path.parent.iterdir() if ".npatch-" in p.name] == []
+
+
+def test_every_set_record_has_the_same_fields_whatever_its_status(make_file: MakeFile, tmp_path: Path) -> None:
+    path = make_file()
+    runs = [
+        run("set", path, "k=1", "--dry-run", "--json"),
+        run("set", path, "k=1", "--json"),
+        run("set", path, "k=1", "--json"),
+        run("unset", path, "nothere", "--json"),
+        run("set", tmp_path / "work", "--json", "k=@missing"),
+    ]
+    shapes = [list(r) for result in runs for r in records(result)]
+    assert shapes and all(shape == shapes[0] for shape in shapes), shapes
+    assert shapes[0][:3] == ["path", "status", "strategy"]

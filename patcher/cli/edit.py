@@ -20,6 +20,21 @@ from .render import findings_json
 from .write import Verbs, WriteMode, apply_plan, check_output_option, read_for_write, run_files, warn_findings
 
 SUFFIX = ".safetensors"
+#: The fields of every ``set`` / ``unset`` record, whatever its status (``null`` where they do not apply).
+EDIT_FIELDS = (
+    "path",
+    "status",
+    "strategy",
+    "changes",
+    "absent",
+    "verdicts",
+    "header",
+    "output",
+    "backup",
+    "diff",
+    "findings",
+    "error",
+)
 #: Help of the write options of both commands.
 COPY = "an edited copy"
 FORCE = "Write even when the edit makes a Nunchaku loader fail."
@@ -75,4 +90,4 @@ def run_edit(
     run_files(console, paths, mode, functools.partial(_edit_one, console, editor, mode, verbs))
 
 
-__all__ = ["COPY", "FORCE", "run_edit", "split_set_args", "split_unset_args"]
+__all__ = ["COPY", "EDIT_FIELDS", "FORCE", "run_edit", "split_set_args", "split_unset_args"]

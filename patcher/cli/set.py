@@ -7,7 +7,7 @@ import click
 from ..edit import Edit, parse_assignments
 from .batch import usage_error
 from .console import Console
-from .edit import COPY, FORCE, run_edit, split_set_args
+from .edit import COPY, EDIT_FIELDS, FORCE, run_edit, split_set_args
 from .options import CONTEXT_SETTINGS, Command, output_options
 from .write import Verbs, WriteMode, write_options
 
@@ -45,7 +45,7 @@ def command(
       nunchaku-patch set model.safetensors comfy_config=@comfy_config.json --json-value
       nunchaku-patch set ~/models/ modelspec.license=apache-2.0 --dry-run
     """
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=EDIT_FIELDS, terse=check)
     paths, entries = split_set_args(args)
     if not paths:
         usage_error(console, "name at least one FILE or folder to edit before the KEY=VALUE entries")

@@ -7,7 +7,7 @@ import click
 from ..edit import Edit
 from .batch import usage_error
 from .console import Console
-from .edit import COPY, FORCE, SUFFIX, run_edit, split_unset_args
+from .edit import COPY, EDIT_FIELDS, FORCE, SUFFIX, run_edit, split_unset_args
 from .options import CONTEXT_SETTINGS, Command, output_options
 from .write import Verbs, WriteMode, write_options
 
@@ -44,7 +44,7 @@ def command(
       nunchaku-patch unset ~/models/ modelspec.thumbnail --dry-run
       nunchaku-patch unset model.safetensors --all --force
     """
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=EDIT_FIELDS, terse=check)
     paths, keys = split_unset_args(args)
     if not paths:
         usage_error(console, f"name at least one FILE (*{SUFFIX}) or folder to edit before the KEYs")
