@@ -523,7 +523,15 @@ class Hub:
             except (KeyboardInterrupt, SystemExit, GeneratorExit):
                 raise
             except Exception as exc:  # a dropped connection surfaces while reading the body
-                raise hub_error(exc, where, self.endpoint) from None
+                error = hub_error(exc, where, self.endpoint)
+                if error.code != "network":
+                    raise error from None
+                raise HubError(
+                    f"the connection dropped after {received:,} of {end - start:,} bytes ({_first_line(exc)})",
+                    path=str(where),
+                    code="network",
+                    hint="run the same command again: it resumes where this one stopped",
+                ) from None
         if received != end - start:
             raise HubError(
                 "the connection closed before the whole range arrived",

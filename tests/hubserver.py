@@ -218,8 +218,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, parsed.path, self.headers.get("Range")))
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
                 self._model_info(parts[2:])
-            elif parts[:1] == ["cdn"] and len(parts) == 4:
-                self._cdn(parts[1], parts[2], parts[3])
+            elif parts[:1] == ["cdn"] and len(parts) >= 4:
+                self._cdn(parts[1], parts[2], "/".join(parts[3:]))
             elif len(parts) >= 5 and parts[2] == "resolve":
                 self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
             else:
