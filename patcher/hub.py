@@ -416,7 +416,7 @@ class Hub:
         session = utils.get_session()
         self.requests += 1
         try:
-            if hasattr(session, "stream"):  # httpx (huggingface_hub >= 1.0)
+            if callable(getattr(session, "stream", None)):  # httpx (huggingface_hub >= 1.0)
                 manager: Any = session.stream("GET", url, headers=headers, timeout=self.timeout)
             else:  # requests (huggingface_hub < 1.0)
                 manager = contextlib.closing(session.get(url, headers=headers, stream=True, timeout=self.timeout))

@@ -184,8 +184,18 @@ def test_hf_home_is_honoured(tree: dict[str, Path], monkeypatch: pytest.MonkeyPa
 
 
 def _run(command: str, cwd: Path) -> None:
-    bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    """Run a fix line through bash as a user would paste it, ``nunchaku-patch`` being this checkout's package."""
+    bindir = cwd / "bin"
+    bindir.mkdir(exist_ok=True)
+    shim = bindir / "nunchaku-patch"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m patcher "$@"\n')
+    shim.chmod(0o755)
+    root = os.fspath(Path(__file__).resolve().parents[1])
+    env = dict(
+        os.environ,
+        PATH=os.fspath(bindir) + os.pathsep + os.environ.get("PATH", ""),
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     done = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{command}\n{done.stderr}"
 
