@@ -208,3 +208,38 @@ def test_unreachable_server_is_a_network_error(tmp_path: Path) -> None:
     with pytest.raises(HubError) as caught:
         Hub(endpoint=url, token=False, timeout=5).read_header(HubPath(REPO, None, "m.safetensors"))
     assert caught.value.code == "network"
+
+
+def test_scan_of_a_repo_reads_headers_only(tmp_path: Path, hub_server: FakeHub, hub: Hub) -> None:
+    from patcher import merge, scan
+
+    table = synth.build_table(small_spec())
+    blocks = {k: v for k, v in table.items() if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    rest = {k: v for k, v in table.items() if k not in blocks}
+    files = {
+        "svdq-int4_r32-flux.1-dev.safetensors": write_model(tmp_path / "single.safetensors"),
+        f"old/{merge.BLOCKS_FILE}": synth.write_random(tmp_path / "b.safetensors", synth.table_to_tensors(blocks)),
+        f"old/{merge.UNQUANTIZED_FILE}": synth.write_random(tmp_path / "u.safetensors", synth.table_to_tensors(rest)),
+        "vae/ae.safetensors": synth.write_random(
+            tmp_path / "ae.safetensors", {"decoder.conv_in.weight": synth.TensorInfo("F16", (64, 64), (0, 8192))}
+        ),
+    }
+    hub_server.add_repo(REPO, files)
+    items = list(scan.scan_hub(parse_hub_path(f"hf://{REPO}"), hub, fix_dir="fixed"))
+    got = {item.path: (item.judgement.kind, item.needs_work, item.fix) for item in items}
+    assert got == {
+        f"hf://{REPO}/old": (
+            "deepcompressor folder",
+            True,
+            f"mkdir -p fixed && nunchaku-patch merge hf://{REPO}/old -o fixed",
+        ),
+        f"hf://{REPO}/svdq-int4_r32-flux.1-dev.safetensors": (
+            "single file",
+            True,
+            f"mkdir -p fixed && nunchaku-patch hf://{REPO}/svdq-int4_r32-flux.1-dev.safetensors "
+            "-o fixed/svdq-int4_r32-flux.1-dev.safetensors",
+        ),
+        f"hf://{REPO}/vae/ae.safetensors": ("not an SVDQuant file", False, None),
+    }
+    for path, local in files.items():
+        assert hub_server.highest_offset(REPO, path) == read_header(local).data_start
