@@ -18,7 +18,7 @@ import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from . import contract
 from .errors import PatchError
@@ -38,15 +38,8 @@ Kind = Literal[
     "not an SVDQuant file",
     "unreadable",
 ]
-#: Every kind of row, in the order the table sorts them within a folder.
-KINDS: tuple[Kind, ...] = (
-    "single file",
-    "deepcompressor folder",
-    "blocks-only half",
-    "unquantized half",
-    "not an SVDQuant file",
-    "unreadable",
-)
+#: Every kind of row.
+KINDS: tuple[Kind, ...] = get_args(Kind)
 SUFFIX = ".safetensors"
 #: Where the fix commands of cache and Hub files write their copies unless the user names a folder.
 DEFAULT_FIX_DIR = "nunchaku-patched"

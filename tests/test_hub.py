@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,6 @@ def write_model(
 ) -> Path:
     tensors = synth.table_to_tensors(synth.build_table(small_spec(name, **changes)))
     return synth.write_random(path, tensors, metadata, seed=len(path.name))
-
-
-@pytest.fixture
-def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with FakeHub(lifetime=300) as server:
-        yield server
-
-
-@pytest.fixture
-def hub(hub_server: FakeHub) -> Hub:
-    return Hub(endpoint=hub_server.url, token=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hubserver import FakeHub
 from oracle import oracle_read
+from test_merge import small_config as merge_config
 
 from patcher import merge, splice, synth
 from patcher.errors import HubError
@@ -25,30 +25,7 @@ BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
 def small_config(spec: synth.SynthSpec = SPEC) -> dict[str, object]:
     """A diffusers Flux config matching the scaled synthetic table (three 128-wide heads)."""
-    return {
-        "_class_name": "FluxTransformer2DModel",
-        "attention_head_dim": 128,
-        "guidance_embeds": spec.guidance,
-        "in_channels": spec.in_channels,
-        "joint_attention_dim": 4096,
-        "num_attention_heads": 3,
-        "num_layers": spec.resolved_layers,
-        "num_single_layers": spec.resolved_single_layers,
-        "patch_size": 1,
-        "pooled_projection_dim": 768,
-    }
-
-
-@pytest.fixture
-def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with FakeHub(lifetime=300) as server:
-        yield server
-
-
-@pytest.fixture
-def hub(hub_server: FakeHub) -> Hub:
-    return Hub(endpoint=hub_server.url, token=False)
+    return merge_config(spec, heads=3)
 
 
 @pytest.fixture

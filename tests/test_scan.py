@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_merge import small_config as merge_config
 
 from patcher import merge, scan, splice, synth
 from patcher.header import read_header
@@ -22,22 +23,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def small_config(spec: synth.SynthSpec = SPEC) -> str:
-    """A diffusers Flux config matching the scaled synthetic table (one 128-wide head)."""
-    return json.dumps(
-        {
-            "_class_name": "FluxTransformer2DModel",
-            "attention_head_dim": 128,
-            "guidance_embeds": spec.guidance,
-            "in_channels": spec.in_channels,
-            "joint_attention_dim": 4096,
-            "num_attention_heads": 1,
-            "num_layers": spec.resolved_layers,
-            "num_single_layers": spec.resolved_single_layers,
-            "patch_size": 1,
-            "pooled_projection_dim": 768,
-        },
-        indent=2,
-    )
+    """A diffusers Flux config matching the scaled synthetic table (one 128-wide head), as text."""
+    return json.dumps(merge_config(spec), indent=2)
 
 
 def halves() -> tuple[dict[str, synth.TensorInfo], dict[str, synth.TensorInfo]]:

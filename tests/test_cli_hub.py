@@ -1,0 +1,175 @@
+"""The command line on Hub repos and the HF cache: scan, validate, inspect, streamed patch and merge.
+
+Each command runs as a user runs it (``python -m patcher``) with ``HF_ENDPOINT`` pointing at the local stand-in
+Hub (tests/hubserver.py), so huggingface_hub reads the endpoint the way it does in real use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hubserver import FakeHub
+from test_hubwrite import BLOCK_PREFIXES, SPEC, small_config
+from test_scan import tree as tree_fixture  # noqa: F401 - registers the `tree` fixture
+
+from patcher import merge, splice, synth
+from patcher.header import read_header
+from patcher.plan import PatchOptions, Planner
+
+REPO = "someone/old-svdq"
+FILE = "svdq-int4_r32-finetune.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def published(tmp_path: Path, hub_server: FakeHub) -> dict[str, Path]:
+    """A repo with one old single file (its own config in the metadata) and one deepcompressor folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    single = synth.write_random(
+        src / FILE,
+        synth.table_to_tensors(synth.build_table(SPEC)),
+        {"config": json.dumps(small_config()), "format": "pt"},
+        seed=21,
+    )
+    table = synth.build_table(SPEC)
+    blocks = {k: v for k, v in table.items() if k.startswith(BLOCK_PREFIXES)}
+    rest = {k: v for k, v in table.items() if k not in blocks}
+    folder = src / "svdq-int4-finetune"
+    folder.mkdir()
+    synth.write_random(folder / merge.BLOCKS_FILE, synth.table_to_tensors(blocks), seed=22)
+    synth.write_random(folder / merge.UNQUANTIZED_FILE, synth.table_to_tensors(rest), seed=23)
+    (folder / "config.json").write_text(json.dumps(small_config(), indent=2))
+    hub_server.add_repo(
+        REPO,
+        {FILE: single, **{f"svdq-int4-finetune/{p.name}": p for p in folder.iterdir()}},
+    )
+    hub_server.add_repo("someone/gated", {FILE: single}, gated=True)
+    return {"single": single, "folder": folder}
+
+
+def run(*args: str, cwd: Path, hub: FakeHub | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    environment.update(
+        PYTHONPATH=os.fspath(ROOT),
+        HF_HOME=os.fspath(cwd / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_COLOR="1",
+    )
+    if hub is not None:
+        environment["HF_ENDPOINT"] = hub.url
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "patcher", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_validate_and_inspect_a_hub_file(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    done = run("validate", f"hf://{REPO}/{FILE}", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith(f"hf://{REPO}/{FILE}: needs work")
+    done = run("inspect", "--json", f"hf://{REPO}/{FILE}", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    header = read_header(published["single"])
+    assert record["tensors"] == len(header.tensors) and record["file_size"] == header.file_size
+    assert hub_server.highest_offset(REPO, FILE) == header.data_start
+
+
+def test_validate_a_whole_repo(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    done = run("validate", "--json", f"hf://{REPO}", cwd=tmp_path, hub=hub_server)
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(r["path"] for r in records) == sorted(
+        [f"hf://{REPO}/{FILE}"] + [f"hf://{REPO}/svdq-int4-finetune/{n}" for n in merge.SOURCE_FILES]
+    )
+    assert all(r["status"] == "needs work" for r in records)
+
+
+def test_streamed_patch_from_the_command_line(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    done = run(f"hf://{REPO}/{FILE}", "-o", "out.safetensors", "--json", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["status"] == "patched" and record["output"] == "out.safetensors" and record["verified"]
+    expected = tmp_path / "local.safetensors"
+    plan = Planner(PatchOptions(), log=lambda _l: None).plan("x", read_header(published["single"]))
+    splice.write_metadata(published["single"], plan.new_metadata, output=expected)
+    assert (tmp_path / "out.safetensors").read_bytes() == expected.read_bytes()
+    assert "\r" not in done.stderr  # no progress bar outside a terminal
+
+
+def test_patch_of_a_hub_file_needs_an_output(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    done = run(f"hf://{REPO}/{FILE}", cwd=tmp_path, hub=hub_server)
+    assert done.returncode in (2, 3)
+    assert "-o" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert hub_server.bytes_sent(REPO, FILE) <= read_header(published["single"]).data_start
+
+
+def test_streamed_merge_from_the_command_line(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    (tmp_path / "merged").mkdir()
+    done = run("merge", f"hf://{REPO}/svdq-int4-finetune", "-o", "merged", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 0, done.stderr
+    (output,) = (tmp_path / "merged").iterdir()
+    local = merge.write_merge(
+        merge.plan_merge(published["folder"], Planner(PatchOptions(), log=lambda _l: None), output=tmp_path / "l")
+    )
+    assert output.read_bytes() == Path(local.output).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("target", "env", "words"),
+    [
+        (f"hf://someone/gated/{FILE}", {}, "gated repo"),
+        (f"hf://someone/missing/{FILE}", {}, "not found, or it is private"),
+        (f"hf://{REPO}@nope/{FILE}", {}, "no revision 'nope'"),
+        (f"hf://{REPO}/other.safetensors", {}, "no file 'other.safetensors'"),
+        (f"hf://{REPO}/{FILE}", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+    ],
+)
+def test_remote_failures_are_one_line(
+    tmp_path: Path, hub_server: FakeHub, published: dict[str, Path], target: str, env: dict[str, str], words: str
+) -> None:
+    done = run("validate", target, cwd=tmp_path, hub=hub_server, **env)
+    assert done.returncode == 3
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {target}") and words in lines[0], done.stderr
+
+
+def test_scan_table_json_and_exit_code(tree: dict[str, Path], tmp_path: Path) -> None:
+    done = run("scan", os.fspath(tree["models"]), "--hf-cache", cwd=tmp_path, HF_HUB_CACHE=os.fspath(tree["cache"]))
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["STATUS", "KIND", "MODEL", "SIZE", "LOADS", "IN", "PATH"]
+    table = lines[1 : lines.index("")]
+    assert len(table) == 10
+    column = lines[0].index("PATH")
+    assert all(len(line) > column and line[column - 2 : column] == "  " for line in table)  # aligned
+    assert any("MiB" in line or "KiB" in line for line in table)
+    fixes = lines[lines.index("to fix:") + 1 :]
+    assert sum(1 for f in fixes if f.strip().startswith(("nunchaku-patch", "mkdir -p"))) == 4
+    done = run(
+        "scan", "--json", os.fspath(tree["models"]), "--hf-cache", cwd=tmp_path, HF_HUB_CACHE=os.fspath(tree["cache"])
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 10
+    for record in records:
+        assert {"path", "status", "kind", "fix", "verdicts", "findings", "error"} <= set(record)
+        assert record["status"] in ("valid", "needs work")
+        assert (record["fix"] is not None) <= (record["status"] == "needs work")
+    assert {r["source"] for r in records} == {"local", "hf-cache"}
+
+
+def test_scan_of_a_hub_repo(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    done = run("scan", "--json", f"hf://{REPO}", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 1, done.stderr
+    kinds = sorted(json.loads(line)["kind"] for line in done.stdout.splitlines())
+    assert kinds == ["deepcompressor folder", "single file"]
+
+
+def test_scan_needs_something_to_scan(tmp_path: Path) -> None:
+    done = run("scan", cwd=tmp_path)
+    assert done.returncode == 2 and "--hf-cache" in done.stderr
