@@ -241,7 +241,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
                 siblings.append(entry)
             body = json.dumps(
-                {"id": repo_id, "sha": commit, "private": repo.private, "gated": repo.gated, "siblings": siblings}
+                {
+                    "id": repo_id,
+                    "sha": commit,
+                    "private": repo.private,
+                    "gated": "auto" if repo.gated else False,
+                    "disabled": False,
+                    "downloads": 0,
+                    "likes": 0,
+                    "tags": [],
+                    "lastModified": "2024-01-01T00:00:00.000Z",
+                    "siblings": siblings,
+                }
             ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
