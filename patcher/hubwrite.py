@@ -80,7 +80,9 @@ def part_path(dest: str, prefix: bytes, streams: Sequence[Stream]) -> str:
             "output": os.path.basename(dest),
             "prefix": hashlib.sha256(prefix).hexdigest(),
             "sources": [
-                [s.remote.where.repo_id, s.remote.where.path, s.remote.commit, s.remote.etag, s.remote.size, s.offset]
+                # The content's hash names it; only without one does the commit stand in (a branch that moved
+                # on without changing the file still resumes).
+                [s.remote.where.repo_id, s.remote.where.path, s.remote.etag or s.remote.commit, s.remote.size, s.offset]
                 for s in streams
             ],
         },
