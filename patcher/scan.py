@@ -29,6 +29,7 @@ from .merge import BLOCKS_FILE, SOURCE_FILES, UNQUANTIZED_FILE
 
 if TYPE_CHECKING:
     from .hub import Hub, HubPath
+    from .plan import Planner
 
 Kind = Literal[
     "single file",
@@ -253,6 +254,22 @@ def _folder_item(
     return Item(folder, judgement, _size(*paths), source, fix, repo, revision, note)
 
 
+_PLANNERS: list[Planner] = []
+
+
+def _checked_fix(header: Header, path: str, command: str) -> tuple[str | None, str | None]:
+    """Return ``command`` if a patch with no options would succeed, else no command and why (e.g. needs --model)."""
+    from .plan import PatchOptions, Planner
+
+    if not _PLANNERS:
+        _PLANNERS.append(Planner(PatchOptions(), log=lambda _line: None))
+    try:
+        _PLANNERS[0].plan(path, header)
+    except PatchError as exc:
+        return None, exc.message + (f". {exc.hint}" if exc.hint else "")
+    return command, None
+
+
 def _file_item(
     path: str,
     *,
@@ -271,7 +288,7 @@ def _file_item(
     command: str | None = None
     note: str | None = None
     if judgement.kind == "single file" and not judgement.ok:
-        command = fix
+        command, note = _checked_fix(header, path, fix)
     elif judgement.kind in ("blocks-only half", "unquantized half"):
         note = "nothing to patch on its own: the other half of the conversion is needed (then `merge` the folder)"
     return Item(shown, judgement, header.file_size, source, command, repo, revision, note)
@@ -456,8 +473,11 @@ def _remote_file(where: HubPath, hub: Hub, commit: str | None, fix_dir: str, siz
             raise  # the same for every file of the repo: one line for the run, not one per file
         return Item(str(where), unreadable(exc), size, "hub", None, where.repo_id, where.revision, exc.render())
     judgement = judge(remote.header, name=where.name)
-    fix = fix_copy(str(where), fix_dir, where.name) if judgement.kind == "single file" and not judgement.ok else None
-    return Item(str(where), judgement, remote.size, "hub", fix, where.repo_id, where.revision)
+    fix: str | None = None
+    note: str | None = None
+    if judgement.kind == "single file" and not judgement.ok:
+        fix, note = _checked_fix(remote.header, str(where), fix_copy(str(where), fix_dir, where.name))
+    return Item(str(where), judgement, remote.size, "hub", fix, where.repo_id, where.revision, note)
 
 
 def _remote_folder(where: HubPath, folder: str, halves: list[Any], hub: Hub, commit: str | None, fix_dir: str) -> Item:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from hubserver import FakeHub
+from test_hubwrite import SPEC, small_config
 
 from patcher import synth
 from patcher.errors import HeaderError, HubError, UsageError
@@ -204,7 +206,13 @@ def test_scan_of_a_repo_reads_headers_only(tmp_path: Path, hub_server: FakeHub, 
     blocks = {k: v for k, v in table.items() if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
     rest = {k: v for k, v in table.items() if k not in blocks}
     files = {
-        "svdq-int4_r32-flux.1-dev.safetensors": write_model(tmp_path / "single.safetensors"),
+        # An early merge carrying its own config (so a patch needs no option) and one that needs --model.
+        "svdq-int4_r32-flux.1-dev.safetensors": synth.write_random(
+            tmp_path / "single.safetensors",
+            synth.table_to_tensors(synth.build_table(SPEC)),
+            {"config": json.dumps(small_config())},
+        ),
+        "unknown.safetensors": write_model(tmp_path / "unknown.safetensors"),
         f"old/{merge.BLOCKS_FILE}": synth.write_random(tmp_path / "b.safetensors", synth.table_to_tensors(blocks)),
         f"old/{merge.UNQUANTIZED_FILE}": synth.write_random(tmp_path / "u.safetensors", synth.table_to_tensors(rest)),
         "vae/ae.safetensors": synth.write_random(
@@ -227,6 +235,9 @@ def test_scan_of_a_repo_reads_headers_only(tmp_path: Path, hub_server: FakeHub, 
             "-o fixed/svdq-int4_r32-flux.1-dev.safetensors",
         ),
         f"hf://{REPO}/vae/ae.safetensors": ("not an SVDQuant file", False, None),
+        f"hf://{REPO}/unknown.safetensors": ("single file", True, None),
     }
+    (unknown,) = (item for item in items if item.path.endswith("unknown.safetensors"))
+    assert unknown.note is not None and "--model" in unknown.note
     for path, local in files.items():
         assert hub_server.highest_offset(REPO, path) == read_header(local).data_start
