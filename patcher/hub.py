@@ -183,6 +183,11 @@ def _hf() -> Any:
     return huggingface_hub
 
 
+def _constants() -> Any:
+    """Return ``huggingface_hub.constants`` (a submodule the package's lazy loader does not expose as an attribute)."""
+    return importlib.import_module("huggingface_hub.constants")
+
+
 def _hf_utils() -> Any:
     """Return ``huggingface_hub.utils`` (session, headers and status helpers live there in every version)."""
     return importlib.import_module("huggingface_hub.utils")
@@ -214,7 +219,7 @@ def _error_classes() -> dict[str, type[BaseException]]:
 
 
 def _offline() -> bool:
-    constants = _hf().constants
+    constants = _constants()
     check = getattr(constants, "is_offline_mode", None)
     return bool(check() if callable(check) else getattr(constants, "HF_HUB_OFFLINE", False))
 
@@ -378,9 +383,8 @@ class Hub:
     """A client of one Hub endpoint, built on huggingface_hub's session, headers and errors."""
 
     def __init__(self, *, endpoint: str | None = None, token: str | bool | None = None, timeout: float = TIMEOUT):
-        hf = _hf()
         #: ``HF_ENDPOINT`` as huggingface_hub read it, unless given.
-        self.endpoint: str = (endpoint or hf.constants.ENDPOINT).rstrip("/")
+        self.endpoint: str = (endpoint or _constants().ENDPOINT).rstrip("/")
         self.token = token
         self.timeout = timeout
         #: Requests made and body bytes received (for tests and the progress line).
