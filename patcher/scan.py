@@ -160,6 +160,12 @@ def judge_folder(blocks: Header, unquantized: Header) -> Judgement:
     )
 
 
+def _why(error: PatchError) -> str:
+    """Return an error's line without the path it names (the row already shows it)."""
+    line = error.render()
+    return line[len(error.path) + 2 :] if error.path and line.startswith(f"{error.path}: ") else line
+
+
 def unreadable(error: PatchError) -> Judgement:
     """Return the judgement of a file whose header the strict reader refuses."""
     return Judgement("unreadable", False, findings=(_finding(error.code, error.message),))
@@ -236,7 +242,7 @@ def _folder_item(
     if blocks is None or unquantized is None:
         bad = error or error2
         assert bad is not None
-        return Item(folder, unreadable(bad), _size(*paths), source, None, repo, revision, bad.render())
+        return Item(folder, unreadable(bad), _size(*paths), source, None, repo, revision, _why(bad))
     judgement = judge_folder(blocks, unquantized)
     note = None
     if check_merged:
@@ -283,7 +289,7 @@ def _file_item(
     shown = display or path
     if header is None:
         assert error is not None
-        return Item(shown, unreadable(error), _size(path), source, None, repo, revision, error.render())
+        return Item(shown, unreadable(error), _size(path), source, None, repo, revision, _why(error))
     judgement = judge(header, name=os.path.basename(path))
     command: str | None = None
     note: str | None = None
@@ -471,7 +477,7 @@ def _remote_file(where: HubPath, hub: Hub, commit: str | None, fix_dir: str, siz
     except PatchError as exc:
         if exc.code in ("offline", "network", "gated", "unauthorized", "repo-not-found", "revision-not-found"):
             raise  # the same for every file of the repo: one line for the run, not one per file
-        return Item(str(where), unreadable(exc), size, "hub", None, where.repo_id, where.revision, exc.render())
+        return Item(str(where), unreadable(exc), size, "hub", None, where.repo_id, where.revision, _why(exc))
     judgement = judge(remote.header, name=where.name)
     fix: str | None = None
     note: str | None = None
@@ -489,7 +495,7 @@ def _remote_folder(where: HubPath, folder: str, halves: list[Any], hub: Hub, com
         except PatchError as exc:
             if exc.code in ("offline", "network", "gated", "unauthorized", "repo-not-found", "revision-not-found"):
                 raise
-            return Item(str(place), unreadable(exc), None, "hub", None, where.repo_id, where.revision, exc.render())
+            return Item(str(place), unreadable(exc), None, "hub", None, where.repo_id, where.revision, _why(exc))
     size = sum(h.file_size for h in headers)
     return Item(
         str(place),

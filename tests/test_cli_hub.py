@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from hubserver import FakeHub
 from test_hubwrite import BLOCK_PREFIXES, SPEC, small_config
-from test_scan import tree as tree_fixture  # noqa: F401 - registers the `tree` fixture
 
 from patcher import merge, splice, synth
 from patcher.header import read_header
@@ -137,30 +136,6 @@ def test_remote_failures_are_one_line(
     assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {target}") and words in lines[0], done.stderr
-
-
-def test_scan_table_json_and_exit_code(tree: dict[str, Path], tmp_path: Path) -> None:
-    done = run("scan", os.fspath(tree["models"]), "--hf-cache", cwd=tmp_path, HF_HUB_CACHE=os.fspath(tree["cache"]))
-    assert done.returncode == 1, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0].split() == ["STATUS", "KIND", "MODEL", "SIZE", "LOADS", "IN", "PATH"]
-    table = lines[1 : lines.index("")]
-    assert len(table) == 10
-    column = lines[0].index("PATH")
-    assert all(len(line) > column and line[column - 2 : column] == "  " for line in table)  # aligned
-    assert any("MiB" in line or "KiB" in line for line in table)
-    fixes = lines[lines.index("to fix:") + 1 :]
-    assert sum(1 for f in fixes if f.strip().startswith(("nunchaku-patch", "mkdir -p"))) == 4
-    done = run(
-        "scan", "--json", os.fspath(tree["models"]), "--hf-cache", cwd=tmp_path, HF_HUB_CACHE=os.fspath(tree["cache"])
-    )
-    records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(records) == 10
-    for record in records:
-        assert {"path", "status", "kind", "fix", "verdicts", "findings", "error"} <= set(record)
-        assert record["status"] in ("valid", "needs work")
-        assert (record["fix"] is not None) <= (record["status"] == "needs work")
-    assert {r["source"] for r in records} == {"local", "hf-cache"}
 
 
 def test_scan_of_a_hub_repo(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli_hub import run
 from test_merge import small_config as merge_config
 
 from patcher import merge, scan, splice, synth
@@ -205,3 +206,27 @@ def test_pasted_fix_commands_work(tree: dict[str, Path], tmp_path: Path) -> None
     # The cache is left exactly as it was.
     assert {p: p.read_bytes() for p in (tree["cache"]).rglob("blobs/*")} == blobs
     assert all(item.needs_work for item in scan.scan_hf_cache(tree["cache"], fix_dir=fix_dir))
+
+
+def test_scan_table_json_and_exit_code(tree: dict[str, Path], tmp_path: Path) -> None:
+    done = run("scan", os.fspath(tree["models"]), "--hf-cache", cwd=tmp_path, HF_HUB_CACHE=os.fspath(tree["cache"]))
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["STATUS", "KIND", "MODEL", "SIZE", "LOADS", "IN", "PATH"]
+    table = lines[1 : lines.index("")]
+    assert len(table) == 10
+    column = lines[0].index("PATH")
+    assert all(len(line) > column and line[column - 2 : column] == "  " for line in table)  # aligned
+    assert any("MiB" in line or "KiB" in line for line in table)
+    fixes = lines[lines.index("to fix:") + 1 :]
+    assert sum(1 for f in fixes if f.strip().startswith(("nunchaku-patch", "mkdir -p"))) == 4
+    done = run(
+        "scan", "--json", os.fspath(tree["models"]), "--hf-cache", cwd=tmp_path, HF_HUB_CACHE=os.fspath(tree["cache"])
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 10
+    for record in records:
+        assert {"path", "status", "kind", "fix", "verdicts", "findings", "error"} <= set(record)
+        assert record["status"] in ("valid", "needs work")
+        assert (record["fix"] is not None) <= (record["status"] == "needs work")
+    assert {r["source"] for r in records} == {"local", "hf-cache"}
