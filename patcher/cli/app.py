@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "inspect": ".inspect",
     "restore": ".restore",
     "merge": ".merge",
+    "scan": ".scan",
 }
 
 #: What a first word that is no command means: the arguments of ``patch``.

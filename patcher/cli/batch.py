@@ -30,6 +30,8 @@ DEFAULT_HINTS = {
     "permission": "check the file's permissions",
     "io": "try again; if it keeps failing, check the disk",
 }
+#: Paths starting with this name Hub files (handled by :mod:`patcher.cli.remote`, imported only then).
+REMOTE = "hf://"
 HEADER_HINT = "the file is not valid safetensors (safetensors itself would refuse it): re-download or re-convert it"
 
 
@@ -63,7 +65,17 @@ def collect(paths: Iterable[str], report: Report, console: Console, *, restorabl
         console.record(report.add(Record(raw, Status.FAILED, error=error)))
 
     for raw in paths:
-        if os.path.isdir(raw):  # a symlink to a folder named on the command line is followed
+        if raw.startswith(REMOTE):  # hf://OWNER/REPO[@REVISION][/PATH]: a Hub file, folder or repo
+            from .remote import expand
+
+            try:
+                found = [] if restorable else expand(raw)
+                if restorable:
+                    fail(raw, PatchError("a Hub file has no backup to restore", path=raw, code="remote"))
+            except PatchError as exc:
+                found = []
+                fail(raw, exc)
+        elif os.path.isdir(raw):  # a symlink to a folder named on the command line is followed
             found = walk(raw, restorable)
             if not found and restorable:
                 fail(
@@ -176,6 +188,10 @@ def _held_by_a_writer(path: str) -> bool:
 
 def load_header(path: str) -> Header:
     """Read a header; wait out a patch in progress, and report a header torn by an interrupted one as that."""
+    if path.startswith(REMOTE):
+        from .remote import load_header as load_remote
+
+        return load_remote(path)
     deadline = time.monotonic() + LEASE_WAIT
     while True:
         try:

@@ -19,7 +19,7 @@ from ..facts import Severity
 from ..metadata import diff_metadata
 from ..plan import PatchOptions, Planner
 from ..report import Record, Report, Status
-from .batch import make_planner, run_one, summarize, usage_error
+from .batch import REMOTE, make_planner, run_one, summarize, usage_error
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
 from .render import findings_json, size
@@ -176,6 +176,9 @@ def command(
     report = Report(check=False)  # as for patch: a plain --dry-run exits 0
     folders: list[str] = []
     for raw in paths:
+        if raw.startswith(REMOTE):  # a Hub repo folder: both halves streamed into one file (patcher.cli.remote)
+            folders.append(raw)
+            continue
         try:
             found = [os.fspath(f) for f in merge.find_folders([raw])]
         except PatchError as exc:
@@ -193,6 +196,10 @@ def command(
     for index, folder in enumerate(folders, 1):
         console.progress(index, len(folders), folder)
         work = functools.partial(_merge_one, console, planner, folder, output, dry_run, force, claimed)
+        if folder.startswith(REMOTE):
+            from .remote import merge_one
+
+            work = functools.partial(merge_one, console, planner, folder, output=output, dry_run=dry_run, force=force)
         console.record(report.add(run_one(console, work, folder)))
     summarize(console, report, paths)
     sys.exit(report.exit_code)

@@ -14,7 +14,7 @@ from ..facts import Severity
 from ..header import ALIGNMENT, PREFIX_SIZE
 from ..plan import PatchOptions, PatchPlan, Planner, inference_json
 from ..report import Record, Report, Status
-from .batch import collect, load_header, make_planner, run_one, summarize, usage_error
+from .batch import REMOTE, collect, load_header, make_planner, run_one, summarize, usage_error
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
 from .render import findings_json, header_json
@@ -90,6 +90,15 @@ def command(
             "--backup and -o/--output do not mix: -o never changes the source, so there is "
             "nothing to back up. drop --backup",
         )
+    remote = [p for p in paths if p.startswith(REMOTE)]
+    if remote and output is None:
+        usage_error(
+            console,
+            f"{remote[0]}: a Hub file cannot be patched in place. write a patched copy with -o OUT (a file, or "
+            "an existing folder)",
+        )
+    if remote and output is not None and not os.path.isdir(output) and not remote[0].endswith(".safetensors"):
+        usage_error(console, f"{remote[0]}: names a repo or folder: -o must be an existing folder for its files")
     planner = make_planner(
         console,
         PatchOptions(
@@ -111,6 +120,12 @@ def command(
     files = collect(paths, report, console)
     for index, path in enumerate(files, 1):
         console.progress(index, len(files), path)
+        if path.startswith(REMOTE):  # a Hub file: the patched copy is streamed to -o (patcher.cli.remote)
+            from .remote import patch_one
+
+            remote_work = functools.partial(patch_one, console, planner, path, output=output, writing=writing)
+            console.record(report.add(run_one(console, remote_work, path)))
+            continue
         work = functools.partial(
             _patch_one,
             console,
