@@ -27,7 +27,7 @@ NOT_SVDQUANT = "not an SVDQuant file"
     "scan",
     cls=Command,
     context_settings=CONTEXT_SETTINGS,
-    short_help="List old conversions (folders, HF cache, Hub repos) and their fixes.",
+    short_help="List old conversions and the fix for each.",
 )
 @click.argument("paths", nargs=-1, metavar="[PATH | hf://OWNER/REPO[@REV][/PATH]]...")
 @click.option("--hf-cache", is_flag=True, help="Also list every model file in the Hugging Face cache.")
