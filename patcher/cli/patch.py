@@ -5,19 +5,18 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any
 
 import click
 
 from .. import splice
 from ..facts import Severity
 from ..header import ALIGNMENT, PREFIX_SIZE
-from ..plan import PatchOptions, PatchPlan, Planner, inference_json
+from ..plan import PatchOptions, PatchPlan, Planner
 from ..report import Record, Report, Status
 from .batch import REMOTE, collect, load_header, make_planner, run_one, summarize, usage_error
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
-from .render import findings_json, header_json
+from .render import findings_json, header_json, plan_details
 
 #: What each write strategy means, for dry-run and verbose output.
 _STRATEGY_NOTES = {
@@ -164,7 +163,7 @@ def _patch_one(
             console.warning(f"{path}: has an interrupted patch; run without --dry-run/--check/-o to finish it")
     header = load_header(path)
     plan = planner.plan(path, header)
-    record = Record(path, Status.UNCHANGED, details=_plan_details(plan), findings=findings_json(plan.findings))
+    record = Record(path, Status.UNCHANGED, details=plan_details(plan), findings=findings_json(plan.findings))
     for line in _evidence_lines(plan):
         console.debug(line)
     for finding in plan.findings:
@@ -238,19 +237,6 @@ def _layout_line(result: splice.WriteResult) -> str:
         f"data region at offset {start:,} ({aligned}), {result.spare:,} bytes spare; "
         f"strategy: {strategy} ({note})"
     )
-
-
-def _plan_details(plan: PatchPlan) -> dict[str, Any]:
-    return {
-        "model": plan.model_name,
-        "config_source": plan.config_source,
-        "family": plan.family.value,
-        "precision": plan.precision,
-        "rank": plan.rank,
-        "inferred": inference_json(plan.inference),
-        "changes": [{"key": c.key, "kind": c.kind} for c in plan.changes if c.kind != "unchanged"],
-        "header": {"old_len": plan.header.header_len, "new_len": plan.header.header_len},
-    }
 
 
 def _evidence_lines(plan: PatchPlan) -> list[str]:

@@ -17,7 +17,7 @@ from ..errors import PatchError, UsageError
 from ..header import Header
 from ..report import Record, Status
 from .console import Console
-from .render import findings_json, size
+from .render import findings_json, plan_details, size
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -129,7 +129,6 @@ def patch_one(console: Console, planner: Planner, raw: str, *, output: str | Non
     """Plan a remote file like a local one, then stream the patched copy to ``output`` (dry run: plan only)."""
     from ..hub import parse_hub_path
     from ..hubwrite import plan_patch_stream, stream_into
-    from ..plan import inference_json
 
     hub = client()
     where = parse_hub_path(raw)
@@ -137,26 +136,20 @@ def patch_one(console: Console, planner: Planner, raw: str, *, output: str | Non
     remote = hub.read_header(where)
     plan = planner.plan(raw, remote.header)
     prefix, streams, expected = plan_patch_stream(remote, plan.new_metadata, dest)
-    details: dict[str, Any] = {
-        "model": plan.model_name,
-        "config_source": plan.config_source,
-        "family": plan.family.value,
-        "precision": plan.precision,
-        "rank": plan.rank,
-        "inferred": inference_json(plan.inference),
-        "changes": [{"key": c.key, "kind": c.kind} for c in plan.changes if c.kind != "unchanged"],
-        "header": {
+    details = plan_details(plan)
+    details.update(
+        header={
             "old_len": remote.header.header_len,
             "new_len": expected.header_len,
             "spare": expected.padding,
             "data_offset": expected.data_start,
             "aligned": expected.aligned,
         },
-        "output": dest,
-        "backup": None,
-        "commit": remote.commit,
-        "sha256": remote.sha256,
-    }
+        output=dest,
+        backup=None,
+        commit=remote.commit,
+        sha256=remote.sha256,
+    )
     record = Record(raw, Status.WOULD_PATCH, strategy="stream", details=details, findings=findings_json(plan.findings))
     if not writing:
         console.status(f"would write {dest}: a patched copy of {raw} ({size(expected.file_size)} to download)")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..facts import Finding
 from ..header import ALIGNMENT, PREFIX_SIZE
 from ..splice import WriteResult
+
+if TYPE_CHECKING:
+    from ..plan import PatchPlan
 
 
 def findings_json(findings: Iterable[Finding]) -> list[dict[str, Any]]:
@@ -24,6 +27,22 @@ def header_json(result: WriteResult) -> dict[str, Any]:
         "spare": result.spare,
         "data_offset": start,
         "aligned": start % ALIGNMENT == 0,
+    }
+
+
+def plan_details(plan: PatchPlan) -> dict[str, Any]:
+    """Return the fields a patch record takes from its plan: model, config source, facts, changes, header."""
+    from ..plan import inference_json
+
+    return {
+        "model": plan.model_name,
+        "config_source": plan.config_source,
+        "family": plan.family.value,
+        "precision": plan.precision,
+        "rank": plan.rank,
+        "inferred": inference_json(plan.inference),
+        "changes": [{"key": c.key, "kind": c.kind} for c in plan.changes if c.kind != "unchanged"],
+        "header": {"old_len": plan.header.header_len, "new_len": plan.header.header_len},
     }
 
 
