@@ -110,8 +110,10 @@ def test_patch_of_a_hub_file_needs_an_output(tmp_path: Path, hub_server: FakeHub
 
 def test_streamed_merge_from_the_command_line(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
     (tmp_path / "merged").mkdir()
-    done = run("merge", f"hf://{REPO}/svdq-int4-finetune", "-o", "merged", cwd=tmp_path, hub=hub_server)
+    # The repo's root: the folder holding both halves is found in its listing.
+    done = run("merge", f"hf://{REPO}", "-o", "merged", cwd=tmp_path, hub=hub_server)
     assert done.returncode == 0, done.stderr
+    assert f"merged hf://{REPO}/svdq-int4-finetune -> merged/" in done.stderr
     (output,) = (tmp_path / "merged").iterdir()
     local = merge.write_merge(
         merge.plan_merge(published["folder"], Planner(PatchOptions(), log=lambda _l: None), output=tmp_path / "l")
@@ -136,6 +138,16 @@ def test_remote_failures_are_one_line(
     assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {target}") and words in lines[0], done.stderr
+
+
+def test_merge_of_a_repo_without_folders(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    done = run("merge", "hf://someone/gated", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 3
+    assert done.stderr.strip() == (
+        "error: hf://someone/gated: no deepcompressor output folder here (expected a folder holding "
+        "transformer_blocks.safetensors and unquantized_layers.safetensors). scan hf://OWNER/REPO lists what the "
+        "repo holds"
+    )
 
 
 def test_scan_of_a_hub_repo(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:

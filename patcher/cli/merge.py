@@ -176,11 +176,13 @@ def command(
     report = Report(check=False)  # as for patch: a plain --dry-run exits 0
     folders: list[str] = []
     for raw in paths:
-        if raw.startswith(REMOTE):  # a Hub repo folder: both halves streamed into one file (patcher.cli.remote)
-            folders.append(raw)
-            continue
         try:
-            found = [os.fspath(f) for f in merge.find_folders([raw])]
+            if raw.startswith(REMOTE):  # Hub repo folders: both halves streamed into one file (patcher.cli.remote)
+                from .remote import find_folders
+
+                found = find_folders(raw)
+            else:
+                found = [os.fspath(f) for f in merge.find_folders([raw])]
         except PatchError as exc:
             console.error(exc.render())
             console.record(report.add(Record(raw, Status.FAILED, error=exc)))

@@ -60,6 +60,30 @@ def expand(raw: str) -> list[str]:
     return found
 
 
+def find_folders(raw: str) -> list[str]:
+    """Return the ``hf://`` paths of the deepcompressor folders at or below a remote path (one listing)."""
+    from ..hub import parse_hub_path
+    from ..merge import BLOCKS_FILE, SOURCE_FILES, UNQUANTIZED_FILE
+
+    where = parse_hub_path(raw)
+    files = {f.path for f in client().snapshot(where).under(where.path)}
+    folders = sorted({path.rpartition("/")[0] for path in files if path.rpartition("/")[2] in SOURCE_FILES})
+    found = [
+        str(where.child(folder)) if folder else str(where.child(""))
+        for folder in folders
+        if all((f"{folder}/{name}" if folder else name) in files for name in SOURCE_FILES)
+    ]
+    if not found:
+        raise PatchError(
+            "no deepcompressor output folder here",
+            path=raw,
+            code="no-folders",
+            expected=f"a folder holding {BLOCKS_FILE} and {UNQUANTIZED_FILE}",
+            hint="scan hf://OWNER/REPO lists what the repo holds",
+        )
+    return found
+
+
 def load_header(path: str) -> Header:
     """Read a remote file's header (the prefix and the header bytes, nothing else)."""
     from ..hub import parse_hub_path
@@ -227,4 +251,4 @@ def merge_one(
     return record
 
 
-__all__ = ["ByteProgress", "client", "expand", "is_remote", "load_header", "merge_one", "patch_one"]
+__all__ = ["ByteProgress", "client", "expand", "find_folders", "is_remote", "load_header", "merge_one", "patch_one"]
