@@ -99,7 +99,11 @@ def _sweep_stale_parts(dest: str, keep: str) -> None:
     prefix = f".{name}.npatch-"
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory or "."):
-            if entry.name.startswith(prefix) and entry.name.endswith(PART_SUFFIX) and entry.path != keep:
+            if (
+                entry.name.startswith(prefix)
+                and entry.name.endswith(PART_SUFFIX)
+                and entry.name != os.path.basename(keep)
+            ):
                 with contextlib.suppress(OSError):
                     fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
                     try:

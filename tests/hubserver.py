@@ -11,8 +11,9 @@ It answers what ``huggingface_hub`` asks for here, the way the Hub does:
   without a token, 403 with a token that was not granted), ``RevisionNotFound`` and ``EntryNotFound`` (404).
 
 Every body byte sent is logged per file with its offsets, so a test can assert that a data region was never
-read. Faults: ``drop_after`` closes the connection after N bytes of the next transfer of a file; ``corrupt`` flips
-the bytes a file is served with while its advertised sha256 stays the true one.
+read. Faults: ``drop_at`` closes the connection of the next transfer of a file that reaches that file offset, just
+before it (once); ``corrupt`` flips every byte of a file served from that offset on, while the advertised sha256
+stays the true one.
 
 It binds 127.0.0.1 only, on a free port, and shuts itself down after ``lifetime`` seconds at the latest.
 """
@@ -87,8 +88,8 @@ class FakeHub:
         self.repos: dict[str, HubRepo] = {}
         self.served: list[Served] = []
         self.requests: list[tuple[str, str, str | None]] = []
-        self.drop_after: dict[tuple[str, str], int] = {}
-        self.corrupt: set[tuple[str, str]] = set()
+        self.drop_at: dict[tuple[str, str], int] = {}
+        self.corrupt: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -319,9 +320,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if self.command == "HEAD":
                 return
             key = (repo_id, f.path)
+            drop: int | None = None  # bytes of this transfer to send before the connection drops
             with hub._lock:
-                drop = hub.drop_after.pop(key, None)
-            corrupt = key in hub.corrupt
+                at = hub.drop_at.get(key)
+                if at is not None and start <= at < start + length:
+                    drop = at - start
+                    del hub.drop_at[key]
+            flip_from = hub.corrupt.get(key)
             sent = 0
             try:
                 with open(f.source, "rb") as source:
@@ -334,8 +339,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         if drop is not None:
                             size = min(size, drop - sent)
                         chunk = source.read(size)
-                        if corrupt:
-                            chunk = bytes(b ^ 0xFF for b in chunk)
+                        if flip_from is not None:
+                            first = max(0, flip_from - (start + sent))
+                            chunk = chunk[:first] + bytes(b ^ 0xFF for b in chunk[first:])
                         self.wfile.write(chunk)
                         sent += len(chunk)
                 self.wfile.flush()

@@ -180,3 +180,33 @@ def test_byte_progress_draws_rate_and_eta_on_a_terminal(capsys: pytest.CaptureFi
     quiet(1, 2)
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_interrupted_download_resumes_when_the_command_is_run_again(
+    tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]
+) -> None:
+    header = read_header(published["single"])
+    args = (f"hf://{REPO}/{FILE}", "-o", "out.safetensors")
+    hub_server.drop_at[(REPO, FILE)] = header.data_start + header.data_len // 2
+    cut = run(*args, cwd=tmp_path, hub=hub_server)
+    assert cut.returncode == 3 and "connection dropped" in cut.stderr and "again" in cut.stderr, cut.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    again = run(*args, cwd=tmp_path, hub=hub_server)
+    assert again.returncode == 0 and "resumed after" in again.stderr, again.stderr
+    first, last = hub_server.transfers(REPO, FILE)[2], hub_server.transfers(REPO, FILE)[-1]
+    assert first.start == header.data_start and header.data_start < last.start <= first.end
+    assert last.end == header.file_size
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    expected = tmp_path / "local.safetensors"
+    plan = Planner(PatchOptions(), log=lambda _l: None).plan("x", header)
+    splice.write_metadata(published["single"], plan.new_metadata, output=expected)
+    assert (tmp_path / "out.safetensors").read_bytes() == expected.read_bytes()
+
+
+def test_hash_mismatch_from_the_command_line(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:
+    hub_server.corrupt[(REPO, FILE)] = read_header(published["single"]).data_start
+    done = run(f"hf://{REPO}/{FILE}", "-o", "out.safetensors", cwd=tmp_path, hub=hub_server)
+    assert done.returncode == 3
+    line = done.stderr.strip().splitlines()[-1]  # after the config log line
+    assert line.startswith("error: ") and "do not match the sha256 the Hub reports; the partial output was deleted" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("hf-home", "src")) == []

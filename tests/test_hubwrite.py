@@ -88,7 +88,7 @@ def test_dropped_connection_resumes_on_rerun(tmp_path: Path, hub_server: FakeHub
     remote = hub.read_header(HubPath(REPO, None, name))
     plan = planner(config_file).plan(str(remote.where), remote.header)
     prefix, streams, expected = plan_patch_stream(remote, plan.new_metadata, os.fspath(dest))
-    hub_server.drop_after[(REPO, name)] = cut  # the next transfer (the data region) stops after `cut` bytes
+    hub_server.drop_at[(REPO, name)] = header.data_start + cut  # the data region's transfer stops there
     with pytest.raises(HubError) as caught:
         stream_into(os.fspath(dest), prefix, streams, expected, hub=hub)
     assert caught.value.code == "network" and "again" in caught.value.render()
@@ -113,7 +113,7 @@ def test_hash_mismatch_deletes_the_partial_output(
     plan = planner(config_file).plan(str(remote.where), remote.header)
     dest = tmp_path / "out.safetensors"
     prefix, streams, expected = plan_patch_stream(remote, plan.new_metadata, os.fspath(dest))
-    hub_server.corrupt.add((REPO, name))
+    hub_server.corrupt[(REPO, name)] = remote.header.data_start
     with pytest.raises(HubError) as caught:
         stream_into(os.fspath(dest), prefix, streams, expected, hub=hub)
     assert caught.value.code == "hash-mismatch"
