@@ -208,5 +208,6 @@ def test_hash_mismatch_from_the_command_line(tmp_path: Path, hub_server: FakeHub
     done = run(f"hf://{REPO}/{FILE}", "-o", "out.safetensors", cwd=tmp_path, hub=hub_server)
     assert done.returncode == 3
     line = done.stderr.strip().splitlines()[-1]  # after the config log line
-    assert line.startswith("error: ") and "do not match the sha256 the Hub reports; the partial output was deleted" in line
+    assert line.startswith("error: ")
+    assert "do not match the sha256 the Hub reports; the partial output was deleted" in line
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("hf-home", "src")) == []
