@@ -28,7 +28,7 @@ from typing import Literal
 from . import _platform as plat
 from . import models
 from .errors import HeaderError, PatchError, UsageError, WriteError
-from .facts import Precision
+from .facts import BLOCKS_FILE, UNQUANTIZED_FILE, Precision
 from .header import (
     ALIGNMENT,
     PREFIX_SIZE,
@@ -59,8 +59,6 @@ from .splice import (
 )
 
 #: The two files deepcompressor's nunchaku backend writes (``backend/nunchaku/convert.py``), blocks first.
-BLOCKS_FILE = "transformer_blocks.safetensors"
-UNQUANTIZED_FILE = "unquantized_layers.safetensors"
 SOURCE_FILES = (BLOCKS_FILE, UNQUANTIZED_FILE)
 #: Config files older conversion folders carry (the legacy ``svdq-int4-flux.1-dev`` repositories), used verbatim.
 FOLDER_CONFIG = "config.json"
@@ -320,7 +318,8 @@ def output_name(precision: Precision, rank: int | None, model: str) -> str:
 
 
 def _output_path(folder: Path, name: str, output: str | os.PathLike[str] | None) -> str:
-    if output is not None and not os.path.isdir(output):
+    # A trailing separator names a folder, also one not created yet (a dry run of ``-o new/``).
+    if output is not None and not os.path.isdir(output) and not os.fspath(output).endswith(("/", os.sep)):
         return os.fspath(output)
     if output is not None:
         return os.path.join(output, name)

@@ -200,7 +200,7 @@ def test_every_exit_code(sample: Path, config: str, tmp_path: Path) -> None:
     usage = patcher(os.fspath(sample), os.fspath(sample), "-o", os.fspath(tmp_path / "x.safetensors"))
     assert usage.returncode == 2
     assert usage.stderr.count("\n") == 1 and "Traceback" not in usage.stderr
-    assert patcher(os.fspath(tmp_path / "missing.safetensors"), "--config", config).returncode == 3
+    assert patcher(os.fspath(tmp_path / "missing.safetensors"), "--config", config).returncode == 2
     assert patcher(os.fspath(sample), "--config", config).returncode == 0
     assert patcher(os.fspath(sample), "--config", config, "--check").returncode == 0
     assert patcher("validate", os.fspath(sample)).returncode == 0

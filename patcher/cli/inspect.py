@@ -7,14 +7,15 @@ import sys
 
 import click
 
+from ..facts import Inference
 from ..header import Header
 from ..metadata import pretty_value
 from ..plan import inference_json
 from ..report import Record, Report, Status
-from .batch import collect, load_header, run_one
+from .batch import collect, load_header, require_paths, run_one
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .render import size
+from .render import fix_command, size
 
 
 @click.command(
@@ -29,11 +30,13 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
     Example:
       nunchaku-patch inspect svdq-int4_r32-flux.1-dev.safetensors
     """
+    from ..contract import validate_metadata
     from ..inspect import describe, infer
 
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    require_paths(console, paths)
     report = Report()
-    files = collect(paths, report, console)
+    files = [target.path for target in collect(paths, report, console)]
 
     def one(path: str) -> Record:
         header = load_header(path)
@@ -46,8 +49,17 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
         console.data("inferred from the tensors:")
         for line in describe(inference):
             console.data(f"  {line}")
+        matches = _known_matches(inference)
+        console.data("known models it matches: " + (", ".join(matches) or "none"))
         for line in metadata_lines(header):
             console.data(line)
+        verdict = validate_metadata(header.metadata, inference)
+        fix = None if verdict.ok or not inference.quantized else fix_command(path, verdict)
+        if fix is None:
+            console.data("needs patching: no (every loader accepts it)" if verdict.ok else "needs patching: no")
+        else:
+            failing = ", ".join(k for k, v in verdict.verdicts.items() if not v.ok)
+            console.data(f"needs patching: yes (fails to load in: {failing}); fix: {fix}")
         histogram = dtype_histogram(header)
         details = {
             "tensors": len(header.tensors),
@@ -61,6 +73,9 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
             "warnings": list(header.warnings),
             "inferred": inference_json(inference),
             "metadata": dict(header.metadata) if header.metadata is not None else None,
+            "matches": matches,
+            "needs_patching": fix is not None,
+            "fix": fix,
         }
         return Record(path, Status.INSPECTED, details=details)
 
@@ -69,6 +84,20 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
     if len(report.records) > 1:
         console.status(report.summary())
     sys.exit(report.exit_code)
+
+
+def _known_matches(inference: Inference) -> list[str]:
+    """Return the known models whose architecture fits what the tensors say (none for a non-conversion)."""
+    from .. import models
+    from ..resolve import HeaderFacts
+
+    if inference.family is None:
+        return []
+    facts = HeaderFacts.from_inference(inference)
+    fits = models.candidates(
+        facts.family, facts.in_channels, facts.guidance_embeds, facts.num_layers, facts.num_single_layers
+    )
+    return [model.name for model in fits]
 
 
 def dtype_histogram(header: Header) -> dict[str, tuple[int, int]]:

@@ -76,7 +76,9 @@ def config_options(func: F) -> F:
         click.option(
             "--config", "config_file", metavar="FILE", help="The transformer's config.json (merge: beats the folder's)."
         ),
-        click.option("--config-yaml", multiple=True, metavar="FILE", help="deepcompressor YAML (repeatable)."),
+        click.option(
+            "--config-yaml", multiple=True, metavar="FILE", help="One deepcompressor YAML; repeat for each (in order)."
+        ),
         click.option("--precision", type=click.Choice(PRECISIONS), help="Override the precision (must match tensors)."),
         click.option("--rank", type=click.IntRange(min=1), help="Override the rank (must match the tensors)."),
         click.option("--model-class", metavar="CLASS", help="Override the Nunchaku class written to model_class."),

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 
 import click
 
 from .. import splice
-from ..facts import Severity
+from ..errors import InferenceError, PatchError
+from ..facts import BLOCKS_FILE, UNQUANTIZED_FILE, Severity
 from ..header import ALIGNMENT, PREFIX_SIZE
 from ..plan import PatchOptions, PatchPlan, Planner
 from ..report import Record, Report, Status
-from .batch import REMOTE, collect, load_header, make_planner, run_one, summarize, usage_error
+from .batch import (
+    REMOTE,
+    Target,
+    collect,
+    load_header,
+    make_planner,
+    output_key,
+    require_paths,
+    run_one,
+    summarize,
+    usage_error,
+)
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
-from .render import findings_json, header_json, plan_details
+from .render import WRITE_FIELDS, findings_json, header_json, plan_details
 
 #: What each write strategy means, for dry-run and verbose output.
 _STRATEGY_NOTES = {
@@ -39,6 +52,7 @@ _STRATEGY_NOTES = {
 @click.option("-o", "--output", metavar="FILE", help="Write a patched copy here (single input only).")
 @click.option("--follow-symlinks", is_flag=True, help="Patch the target of a symlink (changes a shared blob).")
 @click.option("--force", is_flag=True, help="Write even when the config or overrides contradict the tensors.")
+@click.option("--no-merge", is_flag=True, help="Skip deepcompressor output folders instead of merging them.")
 @output_options
 def command(
     paths: tuple[str, ...],
@@ -58,6 +72,7 @@ def command(
     output: str | None,
     follow_symlinks: bool,
     force: bool,
+    no_merge: bool,
     json_mode: bool,
     verbose: int,
     quiet: bool,
@@ -66,17 +81,18 @@ def command(
 
     The config comes from --config, --model-path, --config-yaml or --model, in that order;
     with none of them the model is recognised from the tensors. Files already correct are not
-    touched.
+    touched. A deepcompressor output folder met on the way (transformer_blocks.safetensors +
+    unquantized_layers.safetensors) is merged into one file, as `merge` does (--no-merge skips it).
 
     \b
     Examples:
       nunchaku-patch existing.safetensors --model flux.1-dev
       nunchaku-patch existing.safetensors --config transformer/config.json
-      nunchaku-patch model.safetensors --config-yaml configs/model/flux.1-dev.yaml configs/svdquant/int4.yaml
-      nunchaku-patch ~/models/old-svdq/ --dry-run
-      nunchaku-patch ~/models/ --check --json
+      nunchaku-patch model.safetensors --config-yaml model.yaml --config-yaml svdquant.yaml
+      nunchaku-patch ~/ComfyUI/models/diffusion_models/ --dry-run
+      nunchaku-patch ~/models/ --check
     """
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=WRITE_FIELDS, terse=check)
     if output is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
         got = f"{len(paths)} inputs" if len(paths) != 1 else "a folder"
         usage_error(
@@ -89,6 +105,7 @@ def command(
             "--backup and -o/--output do not mix: -o never changes the source, so there is "
             "nothing to back up. drop --backup",
         )
+    require_paths(console, paths)
     remote = [p for p in paths if p.startswith(REMOTE)]
     if remote and output is None:
         usage_error(
@@ -116,35 +133,81 @@ def command(
     )
     writing = not (dry_run or check)
     report = Report(check=check)  # a plain dry run exits 0: only --check turns found work into exit 1
-    files = collect(paths, report, console)
-    for index, path in enumerate(files, 1):
-        console.progress(index, len(files), path)
-        if path.startswith(REMOTE):  # a Hub file: the patched copy is streamed to -o (patcher.cli.remote)
+    targets = collect(paths, report, console, pairs=True)
+    # Folders first: a merged file already in the tree is reported by its folder, not a second time.
+    ordered = [t for t in targets if t.pair] + [t for t in targets if not t.pair]
+    claimed: dict[str, str] = {}
+    for index, target in enumerate(ordered, 1):
+        if not target.pair and output_key(target.path) in claimed:
+            continue
+        console.progress(index, len(ordered), target.path)
+        if target.path.startswith(REMOTE):  # a Hub file: the patched copy is streamed to -o (patcher.cli.remote)
             from .remote import patch_one
 
-            remote_work = functools.partial(patch_one, console, planner, path, output=output, writing=writing)
-            console.record(report.add(run_one(console, remote_work, path)))
-            continue
-        work = functools.partial(
-            _patch_one,
-            console,
-            planner,
-            path,
-            writing=writing,
-            show_diff=dry_run,
-            backup=backup,
-            output=output,
-            follow_symlinks=follow_symlinks,
-        )
-        console.record(report.add(run_one(console, work, path)))
-    summarize(console, report, paths)
+            work = functools.partial(patch_one, console, planner, target.path, output=output, writing=writing)
+        elif target.pair:
+            work = functools.partial(
+                _merge_folder, console, planner, target.path, writing, dry_run, force, no_merge, claimed
+            )
+        else:
+            work = functools.partial(
+                _patch_one,
+                console,
+                planner,
+                target,
+                writing=writing,
+                show_diff=dry_run,
+                backup=backup,
+                output=output,
+                follow_symlinks=follow_symlinks,
+            )
+        console.record(report.add(run_one(console, work, target.path)))
+    summarize(console, report, paths, dry_run=check)
     sys.exit(report.exit_code)
+
+
+def _merge_folder(
+    console: Console,
+    planner: Planner,
+    folder: str,
+    writing: bool,
+    show: bool,
+    force: bool,
+    no_merge: bool,
+    claimed: dict[str, str],
+) -> Record:
+    """Merge a deepcompressor output folder met by the walk, as ``merge`` would (or skip it: ``--no-merge``)."""
+    from .folders import describe_pair, merge_command_line, merge_one
+
+    if no_merge:
+        fix = merge_command_line(folder)
+        console.status(f"skipped {folder}: {describe_pair()}; merge it into one file with: {fix}")
+        return Record(folder, Status.SKIPPED)
+    return merge_one(
+        console, planner, folder, output=None, dry_run=not writing, force=force, claimed=claimed, show=show
+    )
+
+
+def _half_error(path: str) -> PatchError:
+    """Return the refusal of an ``unquantized_layers.safetensors`` met on its own."""
+    folder = os.path.dirname(path) or "."
+    sibling = os.path.isfile(os.path.join(folder, BLOCKS_FILE))
+    return PatchError(
+        "is the unquantized half of a deepcompressor conversion" + ("" if sibling else f", without its {BLOCKS_FILE}"),
+        path=path,
+        code="incomplete-folder",
+        hint=(
+            f"merge the folder into one file: nunchaku-patch merge {shlex.quote(folder)}"
+            if sibling
+            else f"copy {BLOCKS_FILE} from the conversion's output beside it, then run nunchaku-patch merge on it"
+        ),
+    )
 
 
 def _patch_one(
     console: Console,
     planner: Planner,
-    path: str,
+    target: Target,
     *,
     writing: bool,
     show_diff: bool,
@@ -153,6 +216,9 @@ def _patch_one(
     follow_symlinks: bool,
 ) -> Record:
     """Plan one file, then write it, or show what would be written."""
+    path = target.path
+    if os.path.basename(path) == UNQUANTIZED_FILE:
+        raise _half_error(path)
     if os.path.lexists(splice.journal_path(os.path.realpath(path))):
         if writing and output is None:
             # The header may be half-written: finish or roll back before reading it.
@@ -162,7 +228,14 @@ def _patch_one(
         else:
             console.warning(f"{path}: has an interrupted patch; run without --dry-run/--check/-o to finish it")
     header = load_header(path)
-    plan = planner.plan(path, header)
+    try:
+        plan = planner.plan(path, header)
+    except InferenceError as exc:
+        if exc.code != "not-svdquant" or not target.walked:
+            raise
+        # Met by a walk (a VAE, a text encoder, a regular checkpoint): not ours to change, and not a failure.
+        console.status(f"skipped {path}: not an SVDQuant (Nunchaku) conversion")
+        return Record(path, Status.SKIPPED)
     record = Record(path, Status.UNCHANGED, details=plan_details(plan), findings=findings_json(plan.findings))
     for line in _evidence_lines(plan):
         console.debug(line)
@@ -190,8 +263,8 @@ def _patch_one(
         record.status = Status.WOULD_PATCH
         record.strategy = result.strategy.value
         record.details["header"] = header_json(result)
-        target = f" to {result.output}" if result.output else ""
-        console.status(f"would patch {path}{target} ({result.strategy.value})")
+        to = f" to {result.output}" if result.output else ""
+        console.change(f"would patch {path}{to} ({result.strategy.value})")
         return record
     result = splice.write_metadata(
         path,
