@@ -86,7 +86,10 @@ def test_validate_a_whole_repo(tmp_path: Path, hub_server: FakeHub, published: d
     assert sorted(r["path"] for r in records) == sorted(
         [f"hf://{REPO}/{FILE}"] + [f"hf://{REPO}/svdq-int4-finetune/{n}" for n in merge.SOURCE_FILES]
     )
-    assert all(r["status"] == "needs work" for r in records)
+    status = {r["path"].rpartition("/")[2]: r["status"] for r in records}
+    # The unquantized half alone is no SVDQuant file: walked past, as in a local folder.
+    assert status == {FILE: "needs work", merge.BLOCKS_FILE: "needs work", merge.UNQUANTIZED_FILE: "skipped"}
+    assert done.returncode == 1
 
 
 def test_streamed_patch_from_the_command_line(tmp_path: Path, hub_server: FakeHub, published: dict[str, Path]) -> None:

@@ -227,6 +227,7 @@ def test_scan_table_json_and_exit_code(tree: dict[str, Path], tmp_path: Path) ->
     assert len(records) == 10
     for record in records:
         assert {"path", "status", "kind", "fix", "verdicts", "findings", "error"} <= set(record)
-        assert record["status"] in ("valid", "needs work")
+        assert record["status"] == ("skipped" if record["kind"] == "not an SVDQuant file" else record["status"])
+        assert record["status"] in ("valid", "needs work", "skipped")
         assert (record["fix"] is not None) <= (record["status"] == "needs work")
     assert {r["source"] for r in records} == {"local", "hf-cache"}

@@ -21,6 +21,25 @@ if TYPE_CHECKING:
 
 HEADINGS = ("STATUS", "KIND", "MODEL", "SIZE", "LOADS IN", "PATH")
 NOT_SVDQUANT = "not an SVDQuant file"
+#: The fields of every ``scan`` record (``null`` where they do not apply, e.g. a path that could not be read).
+SCAN_FIELDS = (
+    "path",
+    "status",
+    "strategy",
+    "kind",
+    "fix",
+    "source",
+    "repo",
+    "revision",
+    "family",
+    "precision",
+    "rank",
+    "size",
+    "verdicts",
+    "note",
+    "findings",
+    "error",
+)
 
 
 @click.command(
@@ -55,7 +74,7 @@ def command(paths: tuple[str, ...], hf_cache: bool, fix_dir: str, json_mode: boo
     """
     from .. import scan
 
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=SCAN_FIELDS)
     if not paths and not hf_cache:
         usage_error(
             console, "name a PATH or hf://OWNER/REPO to scan, or pass --hf-cache. see 'nunchaku-patch scan --help'"
@@ -72,7 +91,13 @@ def command(paths: tuple[str, ...], hf_cache: bool, fix_dir: str, json_mode: boo
         try:
             for item in make():
                 items.append(item)
-                status = Status.INVALID if item.needs_work else Status.VALID
+                status = (
+                    Status.INVALID
+                    if item.needs_work
+                    else Status.SKIPPED
+                    if item.judgement.kind == NOT_SVDQUANT
+                    else Status.VALID
+                )
                 findings = findings_json(item.judgement.findings)
                 console.record(report.add(Record(item.path, status, details=scan.item_json(item), findings=findings)))
         except PatchError as exc:
