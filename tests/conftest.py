@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -16,6 +17,12 @@ from safetensors.numpy import save_file
 
 Sha256Range = Callable[..., str]
 MakeSafetensors = Callable[..., Path]
+
+# Started from a background shell (``cmd &``), the test run inherits SIGINT ignored, and so would every patcher it
+# starts: the Ctrl-C tests would then test nothing. A handled signal is reset to the default across exec, so the
+# children get the ordinary Ctrl-C behaviour whatever started pytest.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _sha256_range(path: str | os.PathLike[str], start: int = 0, end: int | None = None) -> str:
