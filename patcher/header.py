@@ -127,6 +127,9 @@ class Header:
     has_metadata_key: bool = False
     #: Where the top-level object starts the ``__metadata__`` entry, if present: first or not.
     metadata_first: bool = True
+    #: Entries the reference reader accepts in a form other readers do not: ``[dtype, shape, data_offsets]``
+    #: or a dtype written ``{"F32": null}``. Read like the usual form; a rewrite writes the usual form.
+    irregular_entries: tuple[str, ...] = ()
 
     @property
     def data_start(self) -> int:
@@ -164,6 +167,14 @@ class Header:
             notes.append(f"duplicate tensor name(s) {names}: the last entry wins")
         if self.has_metadata_key and self.metadata is None:
             notes.append("__metadata__ is null")
+        if self.irregular_entries:
+            names = ", ".join(repr(k) for k in self.irregular_entries[:3])
+            more = f" and {len(self.irregular_entries) - 3} more" if len(self.irregular_entries) > 3 else ""
+            notes.append(
+                f"tensor entr{'ies' if len(self.irregular_entries) > 1 else 'y'} {names}{more} in sequence form "
+                '([dtype, shape, data_offsets]) or with a {"DTYPE": null} dtype: only serde-based readers accept '
+                "that; a patch writes the usual form"
+            )
         return tuple(notes)
 
 
@@ -495,8 +506,9 @@ def _validate(
     # The bulk checks cover the layout every writer produces; anything else gets the precise per-entry checks.
     fast = None if surrogates else _fast_table(entries)
     data_len: int | None = None
+    irregular: dict[str, None] = {}
     if fast is None:
-        tensors = _checked_table(entries, surrogates)
+        tensors = _checked_table(entries, surrogates, irregular)
     else:
         tensors, data_len = fast
     duplicates: tuple[str, ...] = ()
@@ -512,7 +524,7 @@ def _validate(
         if fast is not None:
             # The bulk pass leaves range checks to the offsets check: run the precise entry checks first
             # (they also cover the overridden entries of a duplicate name, which the reader deserializes too).
-            _checked_table(entries, surrogates)
+            _checked_table(entries, surrogates, irregular)
         data_len = _validate_offsets(tensors)
     if file_size is not None:
         expected = PREFIX_SIZE + header_len + data_len
@@ -535,6 +547,7 @@ def _validate(
         duplicate_keys=duplicates,
         has_metadata_key=bool(metadata_count),
         metadata_first=metadata_first,
+        irregular_entries=tuple(irregular),
     )
 
 
@@ -619,13 +632,18 @@ def _fast_extent(nbits: list[int], begins: list[int], ends: list[int]) -> int | 
     return max(ends)
 
 
-def _checked_table(entries: tuple[tuple[str, Any], ...], surrogates: bool) -> dict[str, TensorInfo]:
-    """Return the tensor table, raising the precise error for the first bad entry."""
+def _checked_table(
+    entries: tuple[tuple[str, Any], ...], surrogates: bool, irregular: dict[str, None]
+) -> dict[str, TensorInfo]:
+    """Return the tensor table, raising the precise error for the first bad entry.
+
+    Names of entries in an irregular form (sequence, tagged dtype) are added to ``irregular``.
+    """
     tensors: dict[str, TensorInfo] = {}
     for name, value in entries:
         if surrogates and _has_lone_surrogate(name):
             raise _Reject("invalid-json", f"key {name!r} contains a lone surrogate escape")
-        tensors[name] = _validate_entry(name, value, surrogates)
+        tensors[name] = _validate_entry(name, value, surrogates, irregular)
     return tensors
 
 
@@ -649,11 +667,22 @@ def _validate_metadata(value: Any, surrogates: bool) -> dict[str, str] | None:
     return out
 
 
-def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
-    if type(value) is not _Object:
-        raise _Reject("bad-entry", f"tensor {name!r} is not an object", expected="an object", got=_describe(value))
+def _validate_entry(name: str, value: Any, surrogates: bool, irregular: dict[str, None]) -> TensorInfo:
     extra: dict[str, Any] = {}
-    if len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
+    if type(value) is list:
+        # serde deserializes a struct from a sequence of its fields in declaration order, nothing else.
+        if len(value) != len(TENSOR_FIELDS):
+            raise _Reject(
+                "bad-entry",
+                f"tensor {name!r} is a sequence of {len(value)} element(s)",
+                expected="an object, or the sequence [dtype, shape, data_offsets]",
+                got=_SHORT.repr(value),
+            )
+        irregular[name] = None
+        dtype, shape, offsets = value
+    elif type(value) is not _Object:
+        raise _Reject("bad-entry", f"tensor {name!r} is not an object", expected="an object", got=_describe(value))
+    elif len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
         # The layout every writer produces: no duplicate or unknown fields to look at.
         dtype, shape, offsets = value[0][1], value[1][1], value[2][1]
     else:
@@ -676,6 +705,9 @@ def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
             if key not in known:
                 raise _Reject("missing-field", f"tensor {name!r} has no {key!r}")
         dtype, shape, offsets = known["dtype"], known["shape"], known["data_offsets"]
+    if type(dtype) is _Object:
+        dtype = _untagged_dtype(name, dtype)
+        irregular[name] = None
     if type(dtype) is not str:
         raise _Reject("bad-dtype", f"tensor {name!r} dtype is not a string", got=_describe(dtype))
     if dtype not in DTYPE_BITS:
@@ -697,6 +729,26 @@ def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
             got=_describe(offsets) if type(offsets) is not list else _SHORT.repr(offsets),
         )
     return TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]), tuple(extra.items()))
+
+
+def _untagged_dtype(name: str, tagged: tuple[tuple[str, Any], ...]) -> str:
+    """Return the dtype of serde's externally tagged form of a unit variant: ``{"F32": null}`` -> ``F32``."""
+    if len(tagged) != 1:
+        raise _Reject(
+            "bad-dtype",
+            f"tensor {name!r} dtype is an object with {len(tagged)} keys",
+            expected='a string, or an object with one key such as {"F32": null}',
+            got=_SHORT.repr(dict(tagged)),
+        )
+    variant, unit = tagged[0]
+    if unit is not None:
+        raise _Reject(
+            "bad-dtype",
+            f"tensor {name!r} dtype {{{variant[:40]!r}: ...}} does not hold null",
+            expected="null",
+            got=_describe(unit),
+        )
+    return variant
 
 
 def _all_usize(values: list[Any]) -> bool:

@@ -188,6 +188,27 @@ def test_valid_fixture_details() -> None:
     }  # fmt: skip
 
 
+def test_sequence_and_tagged_entries_read_and_normalised_on_write() -> None:
+    # safetensors (serde) reads a tensor entry written as [dtype, shape, data_offsets] and a dtype written as
+    # {"F32": null}; we read them to the same table and write them back in the usual form.
+    sequence = read_header(VALID / "sequence-entries.safetensors")
+    assert sequence.tensors["a"] == TensorInfo("F32", (2, 2), (0, 16))
+    assert sequence.tensors["b"] == TensorInfo("U8", (8,), (16, 24))
+    assert sequence.tensors["c"] == TensorInfo("F16", (4,), (24, 32))
+    assert sequence.irregular_entries == ("a", "b", "c")
+    assert any("sequence form" in note for note in sequence.warnings)
+    tagged = read_header(VALID / "dtype-tagged.safetensors")
+    assert [info.dtype for info in tagged.tensors.values()] == ["F32", "BF16"]
+    assert tagged.irregular_entries == ("a", "b")
+    for header in (sequence, tagged):
+        rewritten = serialize_header(header.metadata, header.tensors)
+        text = rewritten.decode("utf-8")
+        assert "null" not in text and ':["' not in text
+        again = parse_header(rewritten, PREFIX_SIZE + len(rewritten) + header.data_len)
+        assert dict(again.tensors) == dict(header.tensors)
+        assert again.irregular_entries == ()
+
+
 def test_real_files_from_the_reference_writer(tmp_path: Path) -> None:
     tensors = {
         "transformer_blocks.0.qkv_proj.qweight": ("I8", [384, 64]),
