@@ -453,6 +453,21 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
                 got=repr(stripped[:20]),
             )
         raise HeaderError("header is not JSON", path=source, code="invalid-json", got=repr(stripped[:20]))
+    surrogates = bool(_SURROGATE_ESCAPE.search(text))
+    try:
+        scanned = None if surrogates else _scan_plain(text, leading)
+        if scanned is not None:
+            metadata, has_metadata_key, tensors, data_len, end = scanned
+            _check_padding(text[end:], source)
+            if data_len is None:
+                # Offsets that do not tile the data region, a zero-element tensor, or an overflow: the precise
+                # check gives the verdict and the error, as on the decoder path.
+                data_len = _validate_offsets(tensors)
+            return _finish(
+                raw, len(text) - end, leading, file_size, tensors, data_len, metadata, has_metadata_key=has_metadata_key
+            )
+    except _Reject as exc:
+        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
     # Only a -0 number needs the integer hook (serde_json reads it as a float): skip the hook when absent.
     decoder = _DECODER if "-0" in text and _NEGATIVE_ZERO.search(text) else _FAST_DECODER
     try:
@@ -469,7 +484,16 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
         raise HeaderError("header JSON is nested too deeply", path=source, code="invalid-json") from None
     except ValueError as exc:  # an integer with more digits than int() accepts
         raise HeaderError(f"header has a number out of range: {exc}", path=source, code="invalid-json") from None
-    rest = text[end:]
+    _check_padding(text[end:], source)
+    assert type(top) is _Object
+    try:
+        return _validate(top, raw, len(text) - end, leading, file_size, surrogates)
+    except _Reject as exc:
+        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
+
+
+def _check_padding(rest: str, source: str) -> None:
+    """Refuse anything but JSON whitespace after the top-level object."""
     trailing = rest.rstrip(JSON_WHITESPACE)
     if trailing:
         raise HeaderError(
@@ -479,18 +503,109 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
             expected="spaces (0x20) only",
             got=repr(trailing[:12]),
         )
-    padding = len(rest)
-    assert type(top) is _Object
-    try:
-        return _validate(top, raw, padding, leading, file_size, bool(_SURROGATE_ESCAPE.search(text)))
-    except _Reject as exc:
-        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
+
+
+# The layout every writer produces, matched without building the JSON document: one regular expression per
+# tensor entry, a strict subset of JSON (names without escapes or control characters, an upper-case dtype,
+# integers without sign or leading zeros and at most 20 digits). Anything else goes to the JSON decoder.
+_WS = r"[ \t\n\r]*"
+_UINT = r"(?:0|[1-9][0-9]{0,19})"
+
+
+def _entry_pattern(ws: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(
+            (
+                ws, r'"([^"\\\x00-\x1f]*)"', ws, ":", ws, r"\{", ws,
+                r'"dtype"', ws, ":", ws, r'"([A-Z0-9_]{1,16})"', ws, ",", ws,
+                r'"shape"', ws, ":", ws, r"\[", ws, f"((?:{_UINT}{ws},{ws})*{_UINT})?", ws, r"\]", ws, ",", ws,
+                r'"data_offsets"', ws, ":", ws, r"\[", ws, f"({_UINT})", ws, ",", ws, f"({_UINT})", ws, r"\]",
+                ws, r"\}", ws, "([,}])",
+            )
+        )
+    )  # fmt: skip
+
+
+#: Compact JSON (what safetensors and nunchaku-patch write) matches faster without the whitespace runs.
+_COMPACT_ENTRY = _entry_pattern("")
+_SPACED_ENTRY = _entry_pattern(_WS)
+_PLAIN_METADATA = re.compile(_WS + r"\{" + _WS + f'"{METADATA_KEY}"' + _WS + ":" + _WS)
+_PLAIN_OPEN = re.compile(_WS + r"\{")
+_PLAIN_COMMA = re.compile(_WS + ",")
+
+_Scanned = tuple[dict[str, str] | None, bool, dict[str, TensorInfo], int | None, int]
+
+
+def _scan_plain(text: str, start: int) -> _Scanned | None:
+    """Read a header in the plain layout in one pass; None when it is not plain (the decoder decides then).
+
+    Returns the metadata, whether the key was there, the tensor table, the data length (None when the
+    offsets need the precise check) and where the object ends. The table is built straight from the
+    text, without the decoded document beside it: memory follows the header, time is one match per
+    tensor, and repeated shapes share one tuple.
+    """
+    metadata: dict[str, str] | None = None
+    has_metadata = False
+    found = _PLAIN_METADATA.match(text, start)
+    if found is not None:
+        # __metadata__ first, as the reference writer puts it: its strings may hold any escape, so the JSON
+        # decoder reads just that value.
+        try:
+            value, position = _FAST_DECODER.raw_decode(text, found.end())
+        except (ValueError, _Reject, RecursionError):
+            return None
+        if value is not None and (type(value) is not _Object or not all(type(item) is str for _, item in value)):
+            return None
+        metadata = None if value is None else dict(value)
+        has_metadata = True
+        comma = _PLAIN_COMMA.match(text, position)
+        if comma is None:
+            return None
+        position = comma.end()
+    else:
+        opened = _PLAIN_OPEN.match(text, start)
+        if opened is None:
+            return None
+        position = opened.end()
+    tensors: dict[str, TensorInfo] = {}
+    shapes: dict[str | None, tuple[tuple[int, ...], int]] = {}
+    begins: list[int] = []
+    ends: list[int] = []
+    nbits: list[int] = []
+    count = 0
+    compact, spaced = _COMPACT_ENTRY.match, _SPACED_ENTRY.match
+    while True:
+        found = compact(text, position) or spaced(text, position)
+        if found is None:
+            return None
+        name, dtype, dims, begin_text, end_text, closing = found.groups()
+        bits = _BITS.get(dtype)
+        if bits is None or name == METADATA_KEY:
+            return None
+        known = shapes.get(dims)
+        if known is None:
+            shape = tuple(map(int, dims.split(","))) if dims else ()
+            if len(shape) > _FAST_MAX_DIMS or (shape and max(shape) > _U64_MAX):
+                return None  # left to the checked loop, which stops at the first overflow
+            known = shapes[dims] = (shape, math.prod(shape))
+        shape, numel = known
+        begin, end = int(begin_text), int(end_text)
+        tensors[name] = _make_info((_DTYPE_NAMES[dtype], shape, (begin, end), ()))
+        begins.append(begin)
+        ends.append(end)
+        nbits.append(numel * bits)
+        count += 1
+        position = found.end()
+        if closing == "}":
+            break
+    if len(tensors) != count:
+        return None  # a duplicate name: the decoder path reports which
+    return metadata, has_metadata, tensors, _fast_extent(nbits, begins, ends), position
 
 
 def _validate(
     top: tuple[tuple[str, Any], ...], raw: bytes, padding: int, leading: int, file_size: int | None, surrogates: bool
 ) -> Header:
-    header_len = len(raw)
     metadata: dict[str, str] | None = None
     metadata_first = True
     names = [name for name, _ in top]
@@ -526,6 +641,37 @@ def _validate(
             # (they also cover the overridden entries of a duplicate name, which the reader deserializes too).
             _checked_table(entries, surrogates, irregular)
         data_len = _validate_offsets(tensors)
+    return _finish(
+        raw,
+        padding,
+        leading,
+        file_size,
+        tensors,
+        data_len,
+        metadata,
+        has_metadata_key=bool(metadata_count),
+        metadata_first=metadata_first,
+        duplicates=duplicates,
+        irregular=tuple(irregular),
+    )
+
+
+def _finish(
+    raw: bytes,
+    padding: int,
+    leading: int,
+    file_size: int | None,
+    tensors: dict[str, TensorInfo],
+    data_len: int,
+    metadata: dict[str, str] | None,
+    *,
+    has_metadata_key: bool,
+    metadata_first: bool = True,
+    duplicates: tuple[str, ...] = (),
+    irregular: tuple[str, ...] = (),
+) -> Header:
+    """Check the file size against the header and return the :class:`Header`."""
+    header_len = len(raw)
     if file_size is not None:
         expected = PREFIX_SIZE + header_len + data_len
         if file_size != expected:
@@ -545,9 +691,9 @@ def _validate(
         padding=padding,
         leading_whitespace=leading,
         duplicate_keys=duplicates,
-        has_metadata_key=bool(metadata_count),
+        has_metadata_key=has_metadata_key,
         metadata_first=metadata_first,
-        irregular_entries=tuple(irregular),
+        irregular_entries=irregular,
     )
 
 
@@ -556,6 +702,8 @@ _BITS = dict(DTYPE_BITS)
 # the first overflow instead of multiplying out (say) 100,000 dims of 2**64 - 1.
 _FAST_MAX_DIMS = 16
 _make_info = partial(tuple.__new__, TensorInfo)
+#: The one string object of each dtype name: every entry of a table shares it.
+_DTYPE_NAMES = {name: name for name in DTYPE_BITS}
 
 
 def _fast_table(entries: tuple[tuple[str, Any], ...]) -> tuple[dict[str, TensorInfo], int | None] | None:

@@ -209,6 +209,30 @@ def test_sequence_and_tagged_entries_read_and_normalised_on_write() -> None:
         assert again.irregular_entries == ()
 
 
+def test_parse_memory_follows_the_header() -> None:
+    # A writer-layout header is read straight into the table, without the decoded JSON document beside it:
+    # the peak stays a small multiple of the header (the document alone took about 10x).
+    import tracemalloc
+
+    from patcher import synth
+
+    table = synth.build_table(synth.preset("flux.1-dev", num_single_layers=38 + 220))
+    tensors = synth.table_to_tensors(dict(list(table.items())[:10_000]))
+    raw = serialize_header({"format": "pt", "config": json.dumps({"a": "\u00e9 \\ \""})}, tensors)
+    file_size = PREFIX_SIZE + len(raw) + synth.data_size(tensors)
+    tracemalloc.start()
+    try:
+        header = parse_header(raw, file_size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(header.tensors) == 10_000
+    assert peak < 7 * len(raw), f"peak {peak:,} bytes for a {len(raw):,}-byte header"
+    # Tensors with the same shape share one tuple.
+    shapes = {id(info.shape) for info in header.tensors.values()}
+    assert len(shapes) < 200
+
+
 def test_real_files_from_the_reference_writer(tmp_path: Path) -> None:
     tensors = {
         "transformer_blocks.0.qkv_proj.qweight": ("I8", [384, 64]),

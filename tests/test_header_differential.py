@@ -9,7 +9,8 @@ Two generators feed the same assertion, ``accepted_by(parse_file_bytes) == oracl
     correctly rounded) and Python's part ways.
 
 A clean model must be accepted by both, which keeps generator (a) honest. Every case is also parsed
-with the bulk fast path switched off: the precise per-entry checks must give the same table or error.
+with the fast paths switched off (the plain-layout scan, then the bulk table check): the JSON decoder and
+the precise per-entry checks must give the same table or error.
 ``NPATCH_FUZZ_EXAMPLES`` raises the number of examples per property (default 300) for a longer run.
 
 Deliberate differences from the reference reader: none. On every input both accept or both reject.
@@ -75,10 +76,14 @@ def check_agreement(blob: bytes) -> bool:
     ours = accepted_by(parse_file_bytes, blob)
     reference = oracle_accepts(blob)
     assert ours == reference, f"patcher.header {'accepts' if ours else 'rejects'}, safetensors does not"
-    # The bulk fast path is only a shortcut: without it, the precise per-entry checks must say the same.
-    with mock.patch.object(header_module, "_fast_table", return_value=None):
-        precise = outcome(blob)
-    assert outcome(blob) == precise, "the fast path and the precise checks disagree"
+    # The fast paths are only shortcuts: without them (no plain-layout scan, no bulk table check), the JSON
+    # decoder and the precise per-entry checks must say the same.
+    fast = outcome(blob)
+    with mock.patch.object(header_module, "_scan_plain", return_value=None):
+        assert outcome(blob) == fast, "the plain-layout scan and the JSON decoder path disagree"
+        with mock.patch.object(header_module, "_fast_table", return_value=None):
+            precise = outcome(blob)
+    assert fast == precise, "the fast paths and the precise checks disagree"
     return ours
 
 
