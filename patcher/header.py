@@ -974,12 +974,22 @@ def serialize_header(
     Padded at the end with spaces so ``8 + N`` is a multiple of :data:`ALIGNMENT`, or to exactly
     ``length`` bytes when given (a :class:`MetadataError` if it does not fit).
     """
-    obj: dict[str, Any] = {}
+    # The same bytes as json.dumps of the whole object (compact, non-ASCII kept), written entry by entry:
+    # no dict per tensor, and a plain entry is one string format.
+    parts: list[str] = []
     if metadata is not None:
-        obj[METADATA_KEY] = check_metadata(metadata)
+        parts.append(f"{_json_string(METADATA_KEY)}:{_compact_json(check_metadata(metadata))}")
     for name, info in tensors.items():
-        obj[name] = info.to_json_obj()
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if info.extra:
+            parts.append(f"{_json_string(name)}:{_compact_json(info.to_json_obj())}")
+        else:
+            begin, end = info.data_offsets
+            shape = ",".join(map(str, info.shape))
+            parts.append(
+                f'{_json_string(name)}:{{"dtype":{_json_string(info.dtype)},"shape":[{shape}],'
+                f'"data_offsets":[{begin},{end}]}}'
+            )
+    body = ("{" + ",".join(parts) + "}").encode("utf-8")
     if length is None:
         length = len(body) + (-(PREFIX_SIZE + len(body)) % ALIGNMENT)
     if len(body) > length:
@@ -994,6 +1004,11 @@ def serialize_header(
             got=f"{length:,}",
         )
     return body + b" " * (length - len(body))
+
+
+#: A JSON string literal, non-ASCII kept (what json.dumps(ensure_ascii=False) writes for a str).
+_json_string = json.encoder.encode_basestring
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def minimal_header_len(metadata: Mapping[str, str] | None, tensors: Mapping[str, TensorInfo]) -> int:

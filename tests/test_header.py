@@ -266,6 +266,18 @@ def test_serializer_golden_bytes() -> None:
     assert pack_prefix(out) == reference[: PREFIX_SIZE + len(out)]
 
 
+@pytest.mark.parametrize("name", sorted(path.name for path in VALID.glob("*.safetensors")))
+def test_serializer_writes_what_json_dumps_writes(name: str) -> None:
+    # Entries are formatted one by one; the bytes must be those of json.dumps on the whole object.
+    header = read_header(VALID / name)
+    metadata = {"format": "pt", "é\n": 'ü "😀" \\', "config": json.dumps({"a": [1, 2]})}
+    for meta in (None, metadata):
+        expected: dict[str, Any] = {} if meta is None else {METADATA_KEY: meta}
+        expected.update((key, info.to_json_obj()) for key, info in header.tensors.items())
+        reference = json.dumps(expected, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        assert serialize_header(meta, header.tensors).rstrip(b" ") == reference
+
+
 def test_serializer_empty() -> None:
     assert serialize_header(None, {}) == b"{}      "
     assert serialize_header({}, {}) == b'{"__metadata__":{}}     '
