@@ -7,6 +7,7 @@ measured in scripts/bench.py; here only *whether* it happens).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,10 @@ NOT_ON_THE_PATCH_PATH = (
 )
 
 
-def modules_after(code: str) -> set[str]:
+def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
     """Return the names in ``sys.modules`` after running ``code`` in a fresh interpreter."""
     program = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env)
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -53,7 +54,8 @@ def test_planning_a_patch_imports_nothing_it_does_not_use(tmp_path: Path) -> Non
         "plan = Planner(PatchOptions(model='flux.1-dev'), log=lambda line: None).plan('x', header)\n"
         "assert plan.changed and plan.config_source.startswith('embedded')\n"
     )
-    loaded = modules_after(code)
+    # An empty Hugging Face cache: the embedded config is used (a cache holding the model imports the hub).
+    loaded = modules_after(code, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     unexpected = sorted(
         name for name in loaded if any(name == top or name.startswith(f"{top}.") for top in NOT_ON_THE_PATCH_PATH)
     )
