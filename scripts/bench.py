@@ -1583,10 +1583,13 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     caches = "cold caches" if cfg["cold"] else "warm caches"
     ax.set_title(f"Adding the metadata to a FLUX.1-dev SVDQuant file ({caches}, medians)", fontsize=10)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="svg", metadata={"Date": None})
+    if path.suffix == ".svg":
+        fig.savefig(path, format="svg", metadata={"Date": None})  # no date: the same data, the same file
+    else:
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     note(f"picture written to {path}")
 
