@@ -645,13 +645,32 @@ def wait_stopped_holding(pid: int, path: Path) -> None:
     raise AssertionError(f"process {pid} never stopped mid-patch")
 
 
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def _is_patcher(pid: int) -> bool:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return b"patcher" in argv and os.path.basename(argv[0]) != b"strace"
+    return False
+
+
 def patcher_pid(root: int) -> int:
-    """Return the pid of the python process under an strace wrapper ``root``."""
-    for _ in range(2000):
-        with contextlib.suppress(FileNotFoundError):
-            children = Path(f"/proc/{root}/task/{root}/children").read_text().split()
-            if children:
-                return int(children[0])
+    """Return the pid of the python process somewhere under an strace wrapper ``root``.
+
+    strace may fork helpers of its own first, so the first child is not always the patcher: walk the tree and
+    pick the process that runs ``python -m patcher``.
+    """
+    for _ in range(3000):
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            if pid != root and _is_patcher(pid):
+                return pid
+            todo.extend(_children(pid))
         time.sleep(0.01)
     raise AssertionError("the patcher never started")
 
@@ -671,7 +690,16 @@ def test_a_second_patcher_is_refused_while_the_first_is_mid_write(
     syscall, when = stop_at.split(":")
     # The first patcher stops itself (SIGSTOP) on entering that call: holding the lock, the patch half done.
     argv = [*strace(f"{syscall}:signal=STOP:{when}", trace=[syscall]), *CLI, *map(os.fspath, case.args)]
-    first = subprocess.Popen(argv, env=cli_env(corpus), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A session of its own, so that whatever happens the whole tree (strace and the stopped patcher) can be killed:
+    # a stopped orphan would hold the pipes, and communicate() would wait forever.
+    first = subprocess.Popen(
+        argv,
+        env=cli_env(corpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     pid = None
     try:
         pid = patcher_pid(first.pid)
@@ -682,16 +710,16 @@ def test_a_second_patcher_is_refused_while_the_first_is_mid_write(
         journal_kept = os.path.exists(splice.journal_path(case.path))
     finally:
         # Never leave a stopped patcher behind (it would hold the pipes, and the file, forever).
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGCONT)
         try:
             out, err = first.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            first.kill()
             first.communicate()
             raise
     assert journal_kept  # the second did not "recover" (roll back) a live patch
