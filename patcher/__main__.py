@@ -1,6 +1,6 @@
 """Run the command line as ``python -m patcher``."""
 
-from .cli import main
+from .cli.app import main
 
 if __name__ == "__main__":
     main()

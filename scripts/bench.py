@@ -1130,7 +1130,7 @@ _PER_FILE = (
     ("safetensors check (_oracle)", "_oracle", "splice.py"),
     ("inference and plan (Planner.plan)", "plan", "plan.py"),
     ("write_metadata", "write_metadata", "splice.py"),
-    ("whole patch of one file (_patch_one)", "_patch_one", "cli.py"),
+    ("whole patch of one file (_patch_one)", "_patch_one", "patch.py"),
 )
 
 

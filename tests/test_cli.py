@@ -21,7 +21,8 @@ from click.testing import CliRunner, Result
 from oracle import oracle_read
 from safetensors import safe_open
 
-from patcher import cli, models, splice, synth
+from patcher import __version__, cli, models, splice, synth
+from patcher.cli import batch, console
 from patcher.header import ALIGNMENT, PREFIX_SIZE, read_header
 from patcher.inspect import infer
 from patcher.report import ExitCode, Record, Report, Status
@@ -598,7 +599,7 @@ def test_a_bad_config_option_fails_once_for_a_whole_batch(make_file: MakeFile, t
 def test_bare_command_shows_help_and_version() -> None:
     assert "Usage: nunchaku-patch" in run().output
     version = run("--version")
-    assert version.exit_code == 0 and version.stdout.strip() == f"nunchaku-patch, version {cli.__version__}"
+    assert version.exit_code == 0 and version.stdout.strip() == f"nunchaku-patch, version {__version__}"
     assert "Exit codes: 0 done" in run("--help").stdout
 
 
@@ -692,16 +693,16 @@ class _Tty:
 
 
 def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cli._colour_for(_Tty()) is True
+    assert console.colour_for(_Tty()) is True
     monkeypatch.setenv("NO_COLOR", "1")
-    assert cli._colour_for(_Tty()) is False
+    assert console.colour_for(_Tty()) is False
     monkeypatch.delenv("NO_COLOR")
-    assert cli._colour_for(object()) is False  # a pipe or a file
-    console = cli.Console()
-    console.color_out = True
-    assert console.style("x", fg="red") != "x"
-    console.color_out = False
-    assert console.style("x", fg="red") == "x"
+    assert console.colour_for(object()) is False  # a pipe or a file
+    out = console.Console()
+    out.color_out = True
+    assert out.style("x", fg="red") != "x"
+    out.color_out = False
+    assert out.style("x", fg="red") == "x"
 
 
 def test_output_to_a_pipe_has_no_escape_codes(make_file: MakeFile, dev_config: str) -> None:
@@ -777,7 +778,7 @@ def test_an_internal_error_is_one_line_and_the_traceback_needs_verbose(
     def broken(_path: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "read_header", broken)
+    monkeypatch.setattr(batch, "read_header", broken)
     result = run("inspect", os.fspath(path))
     assert result.exit_code == ExitCode.FAILED
     assert result.stderr.splitlines() == [
@@ -793,7 +794,7 @@ def test_ctrl_c_exits_130_with_one_line(make_file: MakeFile, monkeypatch: pytest
     def interrupted(_path: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "read_header", interrupted)
+    monkeypatch.setattr(batch, "read_header", interrupted)
     result = run("validate", os.fspath(path))
     assert result.exit_code == ExitCode.INTERRUPTED
     assert errors(result) == ["error: interrupted; the files already done stay patched, the rest are untouched"]

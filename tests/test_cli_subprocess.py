@@ -98,10 +98,51 @@ def test_python_dash_m_version_and_help() -> None:
     assert version.stdout.strip() == f"nunchaku-patch, version {__version__}"
     helped = patcher("--help")
     assert helped.returncode == 0
-    for command in ("patch", "validate", "inspect", "restore"):
+    for command in ("patch", "validate", "inspect", "restore", "merge"):
         assert f"  {command} " in helped.stdout
     patch_help = patcher("patch", "--help")
     assert "--dry-run" in patch_help.stdout and "Examples:" in patch_help.stdout
+
+
+def test_python_dash_m_patcher_cli_runs_too() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "patcher.cli", "--version"], capture_output=True, text=True, check=False, env=env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"nunchaku-patch, version {__version__}"
+
+
+# Runs a command in a fresh interpreter and prints which patcher modules it imported.
+_IMPORTED = """
+import sys
+from patcher.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted(m for m in sys.modules if m.startswith("patcher"))))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "loaded", "not_loaded"),
+    [
+        (
+            ["patch", "missing.safetensors"],
+            "patcher.cli.patch",
+            ("patcher.cli.merge", "patcher.merge", "patcher.cli.inspect"),
+        ),
+        (["missing.safetensors"], "patcher.cli.patch", ("patcher.cli.merge", "patcher.cli.validate")),
+        (["merge", "missing-dir"], "patcher.cli.merge", ("patcher.cli.patch", "patcher.cli.inspect")),
+    ],
+)
+def test_a_command_imports_only_its_own_module(args: list[str], loaded: str, not_loaded: tuple[str, ...]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORTED, *args], capture_output=True, text=True, check=False, env=env()
+    )
+    modules = proc.stdout.split()
+    assert loaded in modules, proc.stderr
+    assert not set(not_loaded) & set(modules)
 
 
 def test_the_installed_script_runs() -> None:

@@ -17,10 +17,8 @@ from click.testing import CliRunner, Result
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-# cli first: cli.py imports cli_merge at its end to register the command, and cli_merge imports from cli.
-import patcher.cli  # noqa: F401
 from patcher import _platform, contract, merge, synth
-from patcher.cli_merge import merge_command
+from patcher.cli.merge import command as merge_command
 from patcher.errors import PatchError, WriteError
 from patcher.facts import Family
 from patcher.header import Header, read_header

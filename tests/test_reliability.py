@@ -504,15 +504,16 @@ def test_permission_denied_is_refused_before_anything_is_written(
 _MID_BATCH = """
 import os, shutil, sys
 from patcher import cli
+from patcher.cli import batch
 gone, dirred = sys.argv[1], sys.argv[2]
-real = cli.read_header
+real = batch.read_header
 def read_header(path):
     if os.path.exists(gone):
         os.unlink(gone)
         os.unlink(dirred)
         os.mkdir(dirred)
     return real(path)
-cli.read_header = read_header
+batch.read_header = read_header
 sys.argv = ["nunchaku-patch", *sys.argv[3:]]
 cli.main()
 """

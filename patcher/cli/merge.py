@@ -1,4 +1,4 @@
-"""``nunchaku-patch merge``: deepcompressor output folders into Nunchaku's single file (registered by cli.py).
+"""``nunchaku-patch merge``: deepcompressor output folders into Nunchaku's single file.
 
 Same conventions as ``patch``: data (dry-run plans, ``--json`` records) on stdout, status on stderr, one
 :class:`~patcher.report.Record` per folder, and the :class:`~patcher.report.Report` owns the exit code.
@@ -13,24 +13,16 @@ from typing import Any
 
 import click
 
-from . import merge
-from .cli import (
-    CONTEXT_SETTINGS,
-    Console,
-    _findings_json,
-    _output_options,
-    _run_one,
-    _size,
-    _summarize,
-    _usage_error,
-    config_options,
-    make_planner,
-)
-from .errors import PatchError
-from .facts import Severity
-from .metadata import diff_metadata
-from .plan import PatchOptions, Planner
-from .report import Record, Report, Status
+from .. import merge
+from ..errors import PatchError
+from ..facts import Severity
+from ..metadata import diff_metadata
+from ..plan import PatchOptions, Planner
+from ..report import Record, Report, Status
+from .batch import make_planner, run_one, summarize, usage_error
+from .console import Console
+from .options import CONTEXT_SETTINGS, Command, config_options, output_options
+from .render import findings_json, size
 
 #: The strategy named in records: the data regions are copied, never decoded.
 STRATEGY = "merge"
@@ -65,10 +57,10 @@ def _show_plan(console: Console, plan: merge.MergePlan) -> None:
     console.data(f"# {plan.folder} -> {plan.output}")
     for source in plan.sources:
         head = source.header
-        console.data(f"#   {source.name}: {len(head.tensors):,} tensors, {_size(head.data_len)}")
+        console.data(f"#   {source.name}: {len(head.tensors):,} tensors, {size(head.data_len)}")
     console.data(
         f"#   merged: {len(plan.tensors):,} tensors, header {plan.header_len:,} bytes, "
-        f"file {_size(plan.file_size)} ({plan.file_size:,} bytes)"
+        f"file {size(plan.file_size)} ({plan.file_size:,} bytes)"
     )
     console.data(f"#   metadata: {', '.join(plan.metadata)}")
     if console.verbose:
@@ -87,7 +79,7 @@ def _merge_one(
 ) -> Record:
     plan = merge.plan_merge(folder, planner, output=output)
     record = Record(plan.folder, Status.UNCHANGED, strategy=STRATEGY, details=_details(plan))
-    record.findings = _findings_json(plan.patch.findings)
+    record.findings = findings_json(plan.patch.findings)
     for warning in plan.warnings:
         console.warning(f"{plan.folder}: {warning}")
     for finding in plan.patch.findings:
@@ -117,19 +109,24 @@ def _merge_one(
     if result.status == "unchanged":
         console.status(f"already merged {plan.folder} ({result.output} holds exactly this merge)")
         return record
-    console.status(f"merged {plan.folder} -> {result.output} ({len(plan.tensors):,} tensors, {_size(plan.file_size)})")
+    console.status(f"merged {plan.folder} -> {result.output} ({len(plan.tensors):,} tensors, {size(plan.file_size)})")
     record.status = Status.PATCHED
     return record
 
 
-@click.command("merge", context_settings=CONTEXT_SETTINGS)
+@click.command(
+    "merge",
+    cls=Command,
+    context_settings=CONTEXT_SETTINGS,
+    short_help="Merge deepcompressor output folders into one file.",
+)
 @click.argument("paths", nargs=-1, required=True, metavar="DIR...")
 @click.option("-o", "--output", metavar="FILE|DIR", help="Output file (one folder), or folder for the default names.")
 @config_options
 @click.option("-n", "--dry-run", is_flag=True, help="Show the planned output, tensors, sizes and metadata keys.")
 @click.option("--force", is_flag=True, help="Replace an existing output; write even if the config contradicts.")
-@_output_options
-def merge_command(
+@output_options
+def command(
     paths: tuple[str, ...],
     output: str | None,
     model: str | None,
@@ -187,7 +184,7 @@ def merge_command(
             continue
         folders.extend(f for f in found if f not in folders)
     if output is not None and len(folders) > 1 and not os.path.isdir(output):
-        _usage_error(
+        usage_error(
             console,
             f"-o/--output names one file but {len(folders)} folders were found. "
             "pass an existing folder to -o, or merge one folder at a time",
@@ -196,9 +193,9 @@ def merge_command(
     for index, folder in enumerate(folders, 1):
         console.progress(index, len(folders), folder)
         work = functools.partial(_merge_one, console, planner, folder, output, dry_run, force, claimed)
-        console.record(report.add(_run_one(console, work, folder)))
-    _summarize(console, report, paths)
+        console.record(report.add(run_one(console, work, folder)))
+    summarize(console, report, paths)
     sys.exit(report.exit_code)
 
 
-__all__ = ["merge_command"]
+__all__ = ["command"]

@@ -1,0 +1,104 @@
+"""The console: one object decides colour, verbosity and where each kind of text goes.
+
+Data (diffs, ``--json`` records, ``inspect`` and ``validate`` output) goes to stdout; status, progress,
+log lines and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from ..report import Record
+
+
+def colour_for(stream: Any) -> bool:
+    """Return whether ``stream`` gets ANSI colour: a terminal, and no ``NO_COLOR`` (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class Console:
+    """Write data to stdout and status to stderr, honouring ``-q``/``-v``, ``--json`` and ``NO_COLOR``."""
+
+    def __init__(self, *, verbose: int = 0, quiet: bool = False, json_mode: bool = False) -> None:
+        self.verbose = verbose
+        self.quiet = quiet
+        self.json_mode = json_mode
+        self.color_out = colour_for(sys.stdout)
+        self.color_err = colour_for(sys.stderr)
+        self._progress_shown = False
+        # A batch resolves configs per file; the same log line for every file would drown the results.
+        self._logged: set[str] = set()
+
+    def data(self, text: str = "") -> None:
+        """Print data to stdout (suppressed in ``--json`` mode, where records are the data)."""
+        if not self.json_mode:
+            self._clear_progress()
+            click.echo(text, color=self.color_out)
+
+    def record(self, record: Record) -> None:
+        """Print one ``--json`` record as a JSON line."""
+        if self.json_mode:
+            click.echo(json.dumps(record.to_json(), ensure_ascii=False))
+
+    def status(self, text: str) -> None:
+        """Print a status line to stderr unless quiet."""
+        if not self.quiet:
+            self._clear_progress()
+            click.echo(text, err=True, color=self.color_err)
+
+    def log(self, text: str) -> None:
+        """Print a config-resolution line (``  Loaded config from ...``) once per run, unless quiet."""
+        if self.quiet or text in self._logged:
+            return
+        self._logged.add(text)
+        self._clear_progress()
+        click.echo(self.style(f"  {text}", fg="bright_black", err=True), err=True, color=self.color_err)
+
+    def debug(self, text: str) -> None:
+        """Print a line only with ``-v``."""
+        if self.verbose and not self.quiet:
+            self._clear_progress()
+            click.echo(self.style(f"  {text}", fg="bright_black", err=True), err=True, color=self.color_err)
+
+    def warning(self, text: str) -> None:
+        """Print a warning line to stderr unless quiet."""
+        if not self.quiet:
+            self._clear_progress()
+            click.echo(self.style("warning: ", fg="yellow", bold=True, err=True) + text, err=True, color=self.color_err)
+
+    def error(self, text: str) -> None:
+        """Print an error line to stderr (even when quiet)."""
+        self._clear_progress()
+        click.echo(self.style("error: ", fg="red", bold=True, err=True) + text, err=True, color=self.color_err)
+
+    def progress(self, index: int, total: int, path: str) -> None:
+        """Show ``[i/n] file`` on a terminal for batch runs (overwritten in place, never in a pipe or log)."""
+        if self.quiet or total < 2 or not self.color_err:
+            return
+        name = path if len(path) < 60 else "..." + path[-57:]
+        sys.stderr.write(f"\r\x1b[K[{index}/{total}] {name}")
+        sys.stderr.flush()
+        self._progress_shown = True
+
+    def _clear_progress(self) -> None:
+        if self._progress_shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._progress_shown = False
+
+    def style(self, text: str, *, err: bool = False, **styles: Any) -> str:
+        """Return ``text`` styled when the target stream gets colour."""
+        if (self.color_err if err else self.color_out) and styles:
+            return click.style(text, **styles)
+        return text
+
+
+__all__ = ["Console", "colour_for"]
