@@ -80,7 +80,8 @@ class ByteProgress:
         try:
             width = os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError, AttributeError):
-            width = 80
+            width = 0
+        width = width or 80  # a terminal that does not know its size says 0
         line = render(self.label, self.done, self.total, now - self._start, width)
         self.stream.write("\r" + line + " " * max(self._drawn - len(line), 0))
         self.stream.flush()

@@ -97,3 +97,62 @@ def test_patched_copy_and_copy_strategy_report_the_data_region(tmp_path: Path, o
             write_metadata(source, {"format": "pt"}, strategy=Strategy.COPY)
     assert bar is not None and bar.done == data_len
     assert "100%" in stream.getvalue()
+
+
+def _run_on_a_terminal(args: list[str], *, tty: bool) -> str:
+    """Run the CLI with stderr on a pseudo-terminal (or a pipe); return what it wrote to stderr."""
+    import subprocess
+    import sys
+
+    if not tty:
+        done = subprocess.run([sys.executable, "-m", "patcher", *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "patcher", *args], stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait() == 0
+    finally:
+        os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _flux_like(scale: float) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {
+        name: (info[0], tuple(info[1]))
+        for name, info in synth.build_table(synth.preset("flux.1-dev", scale=scale)).items()
+    }
+
+
+@pytest.mark.parametrize(("tty", "quiet"), [(True, False), (True, True), (False, False)])
+def test_the_command_line_shows_the_bar_only_on_a_terminal(tmp_path: Path, tty: bool, quiet: bool) -> None:
+    source = synth.write_random(tmp_path / "m.safetensors", synth.table_to_tensors(_flux_like(0.05)))
+    args = [str(source), "--model", "flux.1-dev", "--force", "-o", str(tmp_path / "out.safetensors")]
+    err = _run_on_a_terminal([*args, "-q"] if quiet else args, tty=tty)
+    shown = "100% [" in err
+    assert shown == (tty and not quiet), err
+    if shown:
+        assert "/s" in err and "\r" in err
+
+
+def test_merge_shows_the_bar_on_a_terminal(tmp_path: Path) -> None:
+    table = _flux_like(0.05)
+    folder = tmp_path / "svdq-int4-flux.1-dev"
+    folder.mkdir()
+    blocks = {k: v for k, v in table.items() if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    rest = {k: v for k, v in table.items() if k not in blocks}
+    synth.write_random(folder / "transformer_blocks.safetensors", synth.table_to_tensors(blocks))
+    synth.write_random(folder / "unquantized_layers.safetensors", synth.table_to_tensors(rest), seed=1)
+    err = _run_on_a_terminal(["merge", str(folder), "--model", "flux.1-dev", "--force"], tty=True)
+    assert "100% [" in err, err

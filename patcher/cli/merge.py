@@ -105,7 +105,8 @@ def _merge_one(
         console.status(f"would merge {plan.folder} -> {plan.output}")
         record.status = Status.WOULD_PATCH
         return record
-    result = merge.write_merge(plan, force=force)
+    with console.copying(plan.output, sum(source.header.data_len for source in plan.sources)):
+        result = merge.write_merge(plan, force=force)
     if result.status == "unchanged":
         console.status(f"already merged {plan.folder} ({result.output} holds exactly this merge)")
         return record

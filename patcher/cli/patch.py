@@ -179,14 +179,15 @@ def _patch_one(
         target = f" to {result.output}" if result.output else ""
         console.status(f"would patch {path}{target} ({result.strategy.value})")
         return record
-    result = splice.write_metadata(
-        path,
-        plan.new_metadata,
-        output=output,
-        backup=backup,
-        follow_symlinks=follow_symlinks,
-        expected=None if output is not None else plan.header,
-    )
+    with console.copying(path, plan.header.data_len):  # drawn only if the write copies the data (-o, copy)
+        result = splice.write_metadata(
+            path,
+            plan.new_metadata,
+            output=output,
+            backup=backup,
+            follow_symlinks=follow_symlinks,
+            expected=None if output is not None else plan.header,
+        )
     if result.recovered:
         console.status(f"recovered {path}: an interrupted patch was {result.recovered}")
     record.strategy = result.strategy.value
