@@ -25,6 +25,8 @@ NOT_ON_THE_PATCH_PATH = (
     "huggingface_hub",
     "patcher.merge",
 )
+#: The same for a whole command-line patch (numpy comes with the run-time safetensors check; see splice).
+NOT_ON_THE_PATCH_PATH_CLI = tuple(name for name in NOT_ON_THE_PATCH_PATH if name != "numpy")
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -73,3 +75,22 @@ def test_the_lazy_imports_still_work(what: str) -> None:
         ),
     }[what]
     assert "difflib" in modules_after(code)
+
+
+def test_a_command_line_patch_loads_the_patch_path_only(tmp_path: Path) -> None:
+    path = synth.write_sparse(tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", synth.flux_dev_int4_r32())
+    code = (
+        "import sys\n"
+        f"sys.argv = ['nunchaku-patch', {str(path)!r}, '--model', 'flux.1-dev', '--json']\n"
+        "from patcher.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+    )
+    loaded = modules_after(code, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert "patcher.splice" in loaded  # it did patch
+    others = {f"patcher.cli.{name}" for name in ("merge", "inspect", "validate", "restore")}
+    unexpected = sorted(
+        name
+        for name in loaded
+        if name in others or any(name == top or name.startswith(f"{top}.") for top in NOT_ON_THE_PATCH_PATH_CLI)
+    )
+    assert not unexpected
