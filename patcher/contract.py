@@ -14,10 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
+from . import models
 from .facts import MODEL_CLASS, Fact, Family, Finding, Inference, Severity
+from .inspect import T5_LOADER_GROUP_SIZE
 from .metadata import (
     COMFY_FLUX_CLASSES,
     DEFAULT_LOADER_RANK,
+    FAMILY_ENTRY_KEYS,
     FLUX_DEFAULTS,
     GROUP_SIZE,
     WEIGHT_DTYPE,
@@ -99,13 +102,17 @@ LOADERS: Final[Mapping[Family, tuple[Loader, ...]]] = {
         _comfy_dit("Z-Image"),
     ),
     Family.SANA: (Loader("nunchaku", MODEL_CLASS[Family.SANA], quantization="ignored"),),
+    # from_pretrained: _build_model -> json.loads(metadata["config"]); json.loads(metadata.get("quantization_config",
+    # "{}")).get("rank", 32); precision from the GPU. ComfyUI-nunchaku has no SDXL loader.
     Family.SDXL: (Loader("nunchaku", MODEL_CLASS[Family.SDXL]),),
+    # from_pretrained: T5Config(**json.loads(metadata["config"])), W4Linear(group_size=128) for every layer with a
+    # qweight. ComfyUI-nunchaku's text-encoder loader takes the file only when metadata.get("model_class") ==
+    # "NunchakuT5EncoderModel", then builds it through that same from_pretrained (so it reads the config too).
     Family.T5: (
         Loader("nunchaku", MODEL_CLASS[Family.T5], quantization="ignored"),
         Loader(
             "comfyui-nunchaku",
             "ComfyUI-nunchaku T5 loader",
-            reads_config=False,
             quantization="ignored",
             needs_model_class=MODEL_CLASS[Family.T5],
         ),
@@ -270,15 +277,29 @@ def check_config_against_header(
                 inference.num_single_layers,
                 f"the file has {inference.num_single_layers.value} single blocks",
             )
-    if family in (Family.FLUX, Family.QWEN_IMAGE) and inference.in_channels is not None:
+    if family in (Family.FLUX, Family.QWEN_IMAGE, Family.SDXL) and inference.in_channels is not None:
         channels = _int_field(config, "in_channels", defaults)
         if channels is not None and channels != inference.in_channels.value:
+            embedder = inference.in_channels.evidence[0] if inference.in_channels.evidence else "the input embedder"
             mismatch(
                 "config-in-channels",
                 "in_channels",
                 channels,
                 inference.in_channels,
-                f"x_embedder takes {inference.in_channels.value} input channels",
+                f"{embedder.removesuffix('.weight')} takes {inference.in_channels.value} input channels",
+            )
+    if family is Family.SDXL and inference.unet_layout is not None and "down_block_types" in config:
+        expected = models.unet_layout(config)
+        if expected != inference.unet_layout.value:
+            findings.append(
+                Finding(
+                    Severity.ERROR,
+                    "config-unet-layout",
+                    "config UNet layout does not match the tensors (attentions x transformer blocks: expected "
+                    f"{models.describe_layout(inference.unet_layout.value)}{_fact_source(inference.unet_layout)}, "
+                    f"got {models.describe_layout(expected) or 'no cross-attention block'})",
+                    scope,
+                )
             )
     if family is Family.FLUX and inference.guidance_embeds is not None:
         guidance = config.get("guidance_embeds", defaults["guidance_embeds"])
@@ -289,7 +310,17 @@ def check_config_against_header(
                 else "the file has no guidance embedder (a schnell-like model)"
             )
             mismatch("config-guidance", "guidance_embeds", guidance, inference.guidance_embeds, what)
-    if inference.hidden_size is not None:
+    if family is Family.T5 and inference.hidden_size is not None:
+        d_model = _int_field(config, "d_model", {})
+        if d_model is not None and d_model != inference.hidden_size.value:
+            mismatch(
+                "config-hidden-size",
+                "d_model",
+                d_model,
+                inference.hidden_size,
+                f"the encoder's attention layers take {inference.hidden_size.value} inputs",
+            )
+    elif inference.hidden_size is not None:
         heads = _int_field(config, "num_attention_heads", defaults)
         head_dim = _int_field(config, "attention_head_dim", defaults)
         width = heads * head_dim if heads is not None and head_dim is not None else _int_field(config, "dim", {})
@@ -406,6 +437,17 @@ def _check_tensors(run: _Run, inference: Inference) -> None:
             "no Nunchaku loader can load it on its own",
             None,
         )
+    group = inference.group_size
+    family = inference.family.value if inference.family is not None else None
+    if family is Family.T5 and group is not None and group.value != T5_LOADER_GROUP_SIZE:
+        run.add(
+            Severity.ERROR,
+            "t5-group-size",
+            f"the T5 encoder's AWQ layers use group size {group.value}{_fact_source(group)}, but "
+            f"NunchakuT5EncoderModel builds every W4Linear with group_size={T5_LOADER_GROUP_SIZE}: loading fails "
+            f"with a size mismatch on scales (expected {T5_LOADER_GROUP_SIZE}, got {group.value})",
+            run.loaders,
+        )
     facts = [
         f"{name} {fact.value}"
         for name, fact in (("precision", inference.precision), ("rank", inference.rank))
@@ -415,8 +457,18 @@ def _check_tensors(run: _Run, inference: Inference) -> None:
 
 
 def _no_metadata(run: _Run) -> None:
-    config_readers = run.select(lambda loader: loader.reads_config)
-    others = [loader for loader in run.loaders if not loader.reads_config]
+    by_class = run.select(lambda loader: loader.needs_model_class is not None)
+    if by_class:
+        run.add(
+            Severity.ERROR,
+            "no-metadata",
+            f"the header has no __metadata__: {by_class[0].title} does not recognise the file "
+            f"(model_class != {by_class[0].needs_model_class!r}) and loads it as a plain, unquantized model, "
+            "whose weights are not in it",
+            by_class,
+        )
+    config_readers = run.select(lambda loader: loader.reads_config and loader.needs_model_class is None)
+    others = run.select(lambda loader: not loader.reads_config and loader.needs_model_class is None)
     if config_readers:
         run.add(
             Severity.ERROR,
@@ -511,6 +563,10 @@ def _check_quantization_config(
 ) -> None:
     readers = run.select(lambda loader: loader.quantization != "ignored")
     text = metadata.get("quantization_config")
+    if family is Family.T5:
+        # AWQ W4A16: no SVDQuant setting applies, and neither T5 loader reads the key.
+        run.check("quantization_config", "not read by the T5 loaders" if text is None else "present, not read")
+        return
     qc: Any = None
     if text is not None:
         qc, error = _parse_json(text)
@@ -666,7 +722,7 @@ def _check_model_class(run: _Run, metadata: Mapping[str, str], family: Family | 
     known = KNOWN_MODEL_CLASSES[family]
     strict = [loader for loader in run.loaders if loader.needs_model_class]
     if value is None:
-        if not strict:
+        if not strict and "model_class" in FAMILY_ENTRY_KEYS[family]:
             run.add(
                 Severity.WARNING,
                 "missing-model-class",

@@ -39,8 +39,25 @@ MODEL_CLASS: dict[Family, str] = {
 }
 
 
+#: What each family's config is, for messages: (kind, the file inside a diffusers / Hugging Face repository).
+CONFIG_KIND: dict[Family, tuple[str, str]] = {
+    Family.FLUX: ("transformer config", "transformer/config.json"),
+    Family.QWEN_IMAGE: ("transformer config", "transformer/config.json"),
+    Family.Z_IMAGE: ("transformer config", "transformer/config.json"),
+    Family.SANA: ("transformer config", "transformer/config.json"),
+    Family.SDXL: ("UNet config", "unet/config.json"),
+    Family.T5: ("text-encoder config", "text_encoder_2/config.json"),
+}
+
+
+def config_kind(family: Family | None) -> tuple[str, str]:
+    """Return (kind, file in the repo) of a family's config; the transformer's when the family is unknown."""
+    return CONFIG_KIND[family if family is not None else Family.FLUX]
+
+
 #: Parameter defaults of the diffusers classes whose configs differ only by omitted defaults
-#: (``FluxTransformer2DModel.__init__`` and ``QwenImageTransformer2DModel.__init__`` in diffusers).
+#: (``FluxTransformer2DModel.__init__``, ``UNet2DConditionModel.__init__`` and ``QwenImageTransformer2DModel.__init__``
+#: in diffusers).
 #: Classes not listed are compared field by field as written.
 CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "FluxTransformer2DModel": {
@@ -55,6 +72,12 @@ CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
         "pooled_projection_dim": 768,
         "guidance_embeds": False,
         "axes_dims_rope": [16, 56, 56],
+    },
+    # Only the fields SDXL-Turbo's config spells out and SDXL base's (an older diffusers) leaves to the default.
+    "UNet2DConditionModel": {
+        "attention_type": "default",
+        "dropout": 0.0,
+        "reverse_transformer_layers_per_block": None,
     },
     "QwenImageTransformer2DModel": {
         "patch_size": 2,
@@ -111,7 +134,8 @@ class Inference:
     precision: Fact[Precision] | None = None
     rank: Fact[int] | None = None
     group_size: Fact[int] | None = None
-    #: Flux: double blocks; Qwen-Image / SANA / Z-Image: main transformer layers.
+    #: Flux: double blocks; Qwen-Image / SANA / Z-Image: main transformer layers; SDXL: all the UNet's transformer
+    #: blocks; T5: encoder blocks.
     num_layers: Fact[int] | None = None
     #: Flux single blocks.
     num_single_layers: Fact[int] | None = None
@@ -123,9 +147,12 @@ class Inference:
     hidden_size: Fact[int] | None = None
     #: Z-Image: true when no refiner layer is quantized (``attention.to_qkv`` absent under ``*refiner*``).
     skip_refiners: Fact[bool] | None = None
+    #: SDXL: the UNet's cross-attention blocks as ``(block, attentions, transformer blocks per attention)``.
+    unet_layout: Fact[tuple[tuple[str, int, int], ...]] | None = None
     #: Whether the unquantized layers (embedders, ``proj_out``) are in the file.
     has_unquantized: bool = False
-    #: Whether any SVDQuant tensor (W4A4 ``qweight`` with low-rank branch) is present.
+    #: Whether any layer a Nunchaku loader quantizes is present: SVDQuant W4A4 (``qweight`` I8 with a low-rank
+    #: branch), or the T5 encoder's AWQ W4A16 (``qweight`` I16).
     quantized: bool = False
     #: Self-contradictions found in the table (mixed ranks, F8 scales beside int4 group sizes, ...).
     contradictions: tuple[str, ...] = field(default=())

@@ -17,6 +17,7 @@ from typing import Any
 
 from .facts import Fact, Family, Inference, Precision
 from .header import Header, TensorInfo
+from .models import describe_layout
 
 #: Group size of the W4A4 weight scales for each precision (contract section 3).
 GROUP_SIZE: Mapping[Precision, int] = {"int4": 64, "nvfp4": 16}
@@ -49,6 +50,13 @@ _CONTAINERS = frozenset(
 _REFINERS = ("noise_refiner.", "context_refiner.")
 _UNET_PARTS = ("down_blocks.", "mid_block.", "up_blocks.")
 _ZIMAGE_EMBEDDER = re.compile(r"all_x_embedder\.(\d+)-(\d+)\.weight")
+#: An SDXL UNet transformer block: ``{down_blocks.N | mid_block | up_blocks.N}.attentions.A.transformer_blocks.T``.
+_UNET_BLOCK = re.compile(
+    r"((?:down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(.+?)\.?$"
+)
+#: Group sizes nunchaku's T5 ``W4Linear`` (TinyChat packing) can have; its loader builds every layer with 128.
+T5_GROUP_SIZES = (128, 64, 32)
+T5_LOADER_GROUP_SIZE = 128
 
 
 class _Problems:
@@ -415,6 +423,85 @@ def _skip_refiners(scan: _Scan, tensors: Mapping[str, TensorInfo]) -> Fact[bool]
     return Fact(True, plain, f"no refiner block has a quantized attention.to_qkv ({where})")
 
 
+def _unet_layout(
+    scan: _Scan, tensors: Mapping[str, TensorInfo], problems: _Problems
+) -> tuple[Fact[tuple[tuple[str, int, int], ...]] | None, Fact[int] | None]:
+    """Return the SDXL UNet's transformer-block layout and their total, with the quantized layers as the note."""
+    depths: dict[tuple[str, int], set[int]] = {}
+    first: dict[str, str] = {}
+    for name in tensors:
+        match = _UNET_BLOCK.match(name) if ".transformer_blocks." in name else None
+        if match is None:
+            continue
+        block = match[1]
+        depths.setdefault((block, int(match[3])), set()).add(int(match[4]))
+        first.setdefault(block, name)
+    if not depths:
+        return None, None
+    blocks: dict[str, list[int]] = {}
+    for (block, _attention), seen in sorted(depths.items()):
+        if seen != set(range(len(seen))):
+            problems.add("UNet transformer block indices are not contiguous", f"{block}: {sorted(seen)[:5]}")
+        blocks.setdefault(block, []).append(len(seen))
+
+    def order(block: str) -> tuple[int, int]:
+        part, _, index = block.partition(".")
+        return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[part], int(index or 0))
+
+    layout: list[tuple[str, int, int]] = []
+    for block in sorted(blocks, key=order):
+        per = blocks[block]
+        if len(set(per)) > 1:
+            problems.add("UNet attentions of one block differ in depth", f"{block}: {per}")
+        layout.append((block, len(per), max(per)))
+    # the layer path inside a transformer block, e.g. "attn1.to_qkv" from "...transformer_blocks.0.attn1.to_qkv.qweight"
+    kinds = sorted({m[5] for head in scan.qweights if (m := _UNET_BLOCK.match(f"{head}.")) is not None})
+    total = sum(attentions * depth for _, attentions, depth in layout)
+    note = f"attentions x transformer blocks; quantized in each block: {', '.join(kinds) or 'nothing'}"
+    evidence = tuple(first[b] for b, _, _ in layout)[:EVIDENCE]
+    return (
+        Fact(tuple(layout), evidence, note),
+        Fact(total, evidence, f"{total} transformer blocks in the UNet's cross-attention blocks"),
+    )
+
+
+def _t5_awq(tensors: Mapping[str, TensorInfo], problems: _Problems) -> tuple[Fact[Precision], Fact[int] | None]:
+    """Return the T5 encoder's precision (AWQ W4A16 int4) and group size, read off its ``W4Linear`` layers."""
+    heads = [n[: -len(".qweight")] for n, i in tensors.items() if n.endswith(".qweight") and i.dtype == "I16"]
+    sizes: dict[int, list[str]] = {}
+    for head in heads:
+        qweight, scales = tensors[f"{head}.qweight"], tensors.get(f"{head}.scales")
+        if scales is None or len(qweight.shape) != 2 or len(scales.shape) != 2:
+            problems.add("AWQ layer without 2-D scales", f"{head}.qweight")
+            continue
+        in_features, rows = qweight.shape[1], scales.shape[0]
+        # TinyChat pads the group count to whole int32 packs (of 8 groups; 2 or 4 packs at a time below 128).
+        fits = [g for g in T5_GROUP_SIZES if in_features % g == 0 and _tinychat_groups(in_features, g) == rows]
+        if len(fits) != 1:
+            problems.add(
+                "AWQ scales fit no single group size", f"{head}.scales {_shape(scales)} for {in_features} inputs"
+            )
+            continue
+        sizes.setdefault(fits[0], []).append(f"{head}.scales")
+    note = f"AWQ W4A16: {len(heads)} int16-packed 4-bit weight layer(s) (TinyChat W4Linear), 16-bit activations"
+    precision: Fact[Precision] = Fact("int4", _first(f"{h}.qweight" for h in heads), note)
+    if len(sizes) > 1:
+        parts = ", ".join(f"{g} ({len(n)} layers, e.g. {n[0]})" for g, n in sorted(sizes.items()))
+        problems.add("mixed AWQ group sizes", parts)
+        return precision, None
+    if not sizes:
+        return precision, None
+    ((group, names),) = sizes.items()
+    return precision, Fact(group, _first(names), f"inputs / scales.shape[0] (TinyChat-padded) of {len(names)} layer(s)")
+
+
+def _tinychat_groups(in_features: int, group: int) -> int:
+    """Return the padded group count nunchaku's T5 ``W4Linear`` allocates (``ceil_num_groups``)."""
+    packs = -(-(in_features // group) // 8)
+    factor = 1 if group >= 128 else 128 // group
+    return -(-packs // factor) * factor * 8
+
+
 #: The input embedder whose output width must equal the hidden size read off the quantized layers.
 _EMBEDDER: Mapping[Family, str] = {
     Family.FLUX: "x_embedder.weight",
@@ -468,6 +555,9 @@ def infer_tensors(tensors: Mapping[str, TensorInfo]) -> Inference:
     precision = _precision(scan, w4a4, problems)
     group_size = _group_size(scan, w4a4, precision, problems)
     rank = _rank(scan, awq_heads, problems)
+    t5_awq = family is not None and family.value is Family.T5
+    if t5_awq:
+        precision, group_size = _t5_awq(tensors, problems)
 
     num_layers: Fact[int] | None = None
     num_single_layers: Fact[int] | None = None
@@ -475,6 +565,7 @@ def infer_tensors(tensors: Mapping[str, TensorInfo]) -> Inference:
     skip_refiners: Fact[bool] | None = None
     in_channels: Fact[int] | None = None
     hidden: Fact[int] | None = None
+    unet_layout: Fact[tuple[tuple[str, int, int], ...]] | None = None
     if family is not None:
         fam = family.value
         blocks = scan.blocks
@@ -491,6 +582,8 @@ def infer_tensors(tensors: Mapping[str, TensorInfo]) -> Inference:
             skip_refiners = _skip_refiners(scan, tensors)
         elif fam is Family.T5:
             num_layers = _count_blocks(scan.t5_blocks, "encoder block", "encoder.block", problems)
+        elif fam is Family.SDXL:
+            unet_layout, num_layers = _unet_layout(scan, tensors, problems)
         in_channels = _in_channels(fam, tensors, problems)
         hidden = _hidden_size(fam, scan, tensors, problems)
         embedder = tensors.get(_EMBEDDER.get(fam, ""))
@@ -511,8 +604,9 @@ def infer_tensors(tensors: Mapping[str, TensorInfo]) -> Inference:
         guidance_embeds=guidance,
         hidden_size=hidden,
         skip_refiners=skip_refiners,
+        unet_layout=unet_layout,
         has_unquantized=_has_unquantized(family.value if family else None, tensors),
-        quantized=bool(w4a4),
+        quantized=bool(w4a4) or t5_awq,
         contradictions=problems.lines(),
     )
 
@@ -567,6 +661,8 @@ def _line(label: str, fact: Fact[Any] | None) -> str:
     if fact is None:
         return f"{label}: unknown"
     value = fact.value.value if isinstance(fact.value, Family) else fact.value
+    if isinstance(value, tuple):  # the UNet layout
+        value = describe_layout(value)
     text = f"{label}: {value}"
     if fact.note:
         text += f" ({fact.note})"
@@ -581,9 +677,12 @@ def describe(inference: Inference) -> list[str]:
     if not inference.quantized:
         what = "AWQ weight-only layers" if inference.family is not None else "not an SVDQuant file"
         lines.append(f"quantized: no SVDQuant W4A4 layer (no int8 qweight; {what})")
+    t5 = inference.family is not None and inference.family.value is Family.T5
     lines += [
         _line("precision", inference.precision),
-        _line("rank", inference.rank),
+        "rank: none (AWQ W4A16 layers have no low-rank branch)"
+        if t5 and inference.rank is None
+        else _line("rank", inference.rank),
         _line("group size", inference.group_size),
     ]
     optional = (
@@ -593,6 +692,7 @@ def describe(inference: Inference) -> list[str]:
         ("guidance_embeds", inference.guidance_embeds),
         ("hidden_size", inference.hidden_size),
         ("skip_refiners", inference.skip_refiners),
+        ("unet_layout", inference.unet_layout),
     )
     lines += [_line(label, fact) for label, fact in optional if fact is not None]
     if inference.family is not None:

@@ -309,8 +309,13 @@ def _model_name(patch: PatchPlan, folder_name: str) -> str:
     return _SVDQ_PREFIX.sub("", folder_name) or folder_name
 
 
-def output_name(precision: Precision, rank: int, model: str) -> str:
-    """Return nunchaku's file name for a merged model: ``svdq-{int4|fp4}_r{rank}-{model}.safetensors``."""
+def output_name(precision: Precision, rank: int | None, model: str) -> str:
+    """Return nunchaku's file name for a merged model: ``svdq-{int4|fp4}_r{rank}-{model}.safetensors``.
+
+    Without a rank (the T5 encoder's AWQ weights) the name is Nunchaku's ``awq-int4-{model}.safetensors``.
+    """
+    if rank is None:
+        return f"awq-int4-{model}.safetensors"
     return f"svdq-{FILE_PRECISION[precision]}_r{rank}-{model}.safetensors"
 
 

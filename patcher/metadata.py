@@ -39,6 +39,17 @@ COMPAT_SCALAR_KEYS: Final = (
 #: Every key ``--compat-fields`` may add, in the order they are written.
 COMPAT_KEYS: Final = ("full_config", "model_type", "architectures", *COMPAT_SCALAR_KEYS)
 
+#: The entries written for each family: exactly what its loaders read (nunchaku-contract.md section 2), in
+#: merge_safetensors' order. ``NunchakuSDXLUNet2DConditionModel`` reads ``config`` and ``quantization_config.rank``
+#: (nothing reads ``model_class`` or ``comfy_config`` for SDXL); ``NunchakuT5EncoderModel`` reads ``config`` (a
+#: T5Config) and ComfyUI-nunchaku recognises the encoder by ``model_class`` (no quantization_config: AWQ W4A16 has
+#: no SVDQuant settings, and nothing reads one). The other families keep merge_safetensors' four keys.
+FAMILY_ENTRY_KEYS: Final[Mapping[Family, tuple[str, ...]]] = {
+    **{family: ENTRY_KEYS for family in Family},
+    Family.SDXL: ("config", "quantization_config"),
+    Family.T5: ("config", "model_class"),
+}
+
 #: The keys this tool owns: it replaces them when they differ; every other key of a file is left alone.
 OWNED_KEYS: Final = frozenset(ENTRY_KEYS + COMPAT_KEYS)
 
@@ -270,33 +281,42 @@ def build_entries(
     *,
     family: Family,
     config_text: str,
-    precision: str,
-    rank: int,
+    precision: str | None,
+    rank: int | None,
     model_class: str | None = None,
     comfy_config_text: str | None = None,
     skip_refiners: bool | None = None,
     compat_fields: bool = False,
 ) -> dict[str, str]:
-    """Return the metadata entries for a file, keys in merge_safetensors' order.
+    """Return the metadata entries for a file, keys in merge_safetensors' order (:data:`FAMILY_ENTRY_KEYS`).
 
     ``comfy_config``: the given text; else, for Flux, generated from the config; else ``"{}"``. The Qwen-Image,
-    Z-Image, SANA, SDXL and T5 loaders never read it; ``"{}"`` keeps one key set for every family, so a file
-    always carries the four keys merge_safetensors writes and a re-run replaces them all.
+    Z-Image and SANA loaders never read it; ``"{}"`` keeps merge_safetensors' key set, so a re-run replaces them
+    all. SDXL and T5 get only what their loaders read; an explicit ``model_class`` / ``comfy_config_text`` is
+    written for them too. ``precision`` and ``rank`` are needed only when ``quantization_config`` is written.
     """
     config = _json_object(config_text, "config", "bad-config")
+    keys = FAMILY_ENTRY_KEYS[family]
+    entries: dict[str, str] = {"config": config_text}
     if comfy_config_text is not None:
         _json_object(comfy_config_text, "comfy_config", "bad-comfy-config")
-        comfy = comfy_config_text
+        entries["comfy_config"] = comfy_config_text
     elif family is Family.FLUX:
-        comfy = json.dumps(comfy_config_from_config(config))
-    else:
-        comfy = "{}"
-    entries = {
-        "config": config_text,
-        "comfy_config": comfy,
-        "model_class": model_class or MODEL_CLASS[family],
-        "quantization_config": quantization_config_text(precision, rank, family=family, skip_refiners=skip_refiners),
-    }
+        entries["comfy_config"] = json.dumps(comfy_config_from_config(config))
+    elif "comfy_config" in keys:
+        entries["comfy_config"] = "{}"
+    if model_class is not None or "model_class" in keys:
+        entries["model_class"] = model_class or MODEL_CLASS[family]
+    if "quantization_config" in keys:
+        if precision is None or rank is None:
+            raise InferenceError(
+                f"{family} needs quantization_config and the precision or rank is not known",
+                code="no-quantization",
+                hint="pass --precision and --rank",
+            )
+        entries["quantization_config"] = quantization_config_text(
+            precision, rank, family=family, skip_refiners=skip_refiners
+        )
     if compat_fields:
         entries.update(compat_entries(config, config_text, family))
     return entries

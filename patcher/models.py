@@ -8,6 +8,11 @@ shuttle-jaguar has no embedded config: no verified copy of ``shuttleai/shuttle-j
 is known. Its architecture is FLUX.1-schnell's (no guidance embedder, ``in_channels`` 64, 19 / 38 blocks), so the
 registry records ``stand_in="flux.1-schnell"``; :mod:`patcher.resolve` uses that config for it only when nothing
 better is found, and logs the substitution every time.
+
+Not every entry is a diffusion transformer: ``sdxl`` / ``sdxl-turbo`` carry a UNet config (``unet/config.json``) and
+``t5-xxl`` the FLUX.1 T5-XXL text encoder's ``T5Config`` (``text_encoder_2/config.json``). Published fine-tunes
+and distillations whose architecture is their base model's (Qwen-Image Lightning, FLUX.1-dev Colossus) are name
+rules (:data:`DERIVED`): :func:`find` maps them to the base model and :func:`derived_note` says so for the log.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class KnownModel:
     name: str
     #: Hugging Face repository of the base model, e.g. ``black-forest-labs/FLUX.1-dev``.
     repo_id: str
-    #: The transformer config inside that repository.
+    #: The config inside that repository (``transformer/config.json``, ``unet/config.json``, ...).
     repo_file: str
     family: Family
     #: The Nunchaku class that loads this family (``MODEL_CLASS[family]``).
@@ -61,11 +66,11 @@ class KnownModel:
     embedded_config: str | None
     #: How sure the embedded copy is (from ``index.json``).
     certainty: str
-    #: The diffusers ``in_channels`` (Flux: 64, 128 for Canny/Depth, 384 for Fill).
+    #: The diffusers ``in_channels`` (Flux: 64, 128 for Canny/Depth, 384 for Fill; SDXL: 4; T5: 0, no latent input).
     in_channels: int
     #: Whether the model has a guidance embedder (``guidance_embeds``; false when the config has no such field).
     guidance_embeds: bool
-    #: Main (Flux: double) blocks.
+    #: Main (Flux: double) blocks; SDXL: every transformer block of the UNet; T5: encoder blocks.
     num_layers: int | None
     #: Flux single blocks; ``None`` for families without them.
     num_single_layers: int | None
@@ -83,6 +88,10 @@ class _Spec:
     family: Family
     aliases: tuple[str, ...]
     stand_in: str | None = None
+    #: Whether the repo id names this model (not for a component of another model's repo, like FLUX.1-dev's T5).
+    repo_is_alias: bool = True
+    #: More aliases (Nunchaku's repositories of the model, when stripping their prefix leaves no known name).
+    extra: tuple[str, ...] = ()
 
 
 def _flux_spellings(variant: str) -> tuple[str, ...]:
@@ -96,6 +105,11 @@ def _flux_spellings(variant: str) -> tuple[str, ...]:
 def _published(name: str) -> tuple[str, ...]:
     """Return the file names Nunchaku's published conversions use for ``name``."""
     return (f"svdq-int4_r32-{name}", f"svdq-fp4_r32-{name}", f"svdq-int4-{name}", f"svdq-fp4-{name}")
+
+
+def _spellings(name: str) -> tuple[str, ...]:
+    """Return ``name`` without its hyphens (``qwenimage-edit``, ``sdxlturbo``) besides the published names."""
+    return (name.replace("-", ""), *_published(name))
 
 
 # Registry order matters: among candidates with functionally identical configs, the first is the canonical one.
@@ -135,6 +149,12 @@ _SPECS: tuple[_Spec, ...] = (
     ),
     _Spec("qwen-image", "qwen-image", Family.QWEN_IMAGE, ("qwenimage", *_published("qwen-image"))),
     _Spec(
+        "qwen-image-edit",
+        "qwen-image-edit",
+        Family.QWEN_IMAGE,
+        ("qwenimage-edit", "qwen-image-edit-v1", *_published("qwen-image-edit")),
+    ),
+    _Spec(
         "qwen-image-edit-2509",
         "qwen-image-edit-2509",
         Family.QWEN_IMAGE,
@@ -147,12 +167,66 @@ _SPECS: tuple[_Spec, ...] = (
         ("sana-1600m-1024px", "sana-1.6b", "sana-1.6b-1024px", "sana1.6b", *_published("sana-1600m")),
     ),
     _Spec("z-image-turbo", "z-image-turbo", Family.Z_IMAGE, ("zimage-turbo", *_published("z-image-turbo"))),
+    # deepcompressor's pipeline.name is "sdxl" / "sdxl-turbo"; Nunchaku publishes svdq-int4_r32-sdxl(-turbo).
+    _Spec(
+        "sdxl",
+        "sdxl",
+        Family.SDXL,
+        ("sdxl-base", "sdxl-base-1.0", "stable-diffusion-xl-base-1.0", "sd-xl-base-1.0", *_spellings("sdxl")),
+    ),
+    _Spec("sdxl-turbo", "sdxl-turbo", Family.SDXL, ("sd-xl-turbo", "sd-xl-turbo-1.0", *_spellings("sdxl-turbo"))),
+    # nunchaku-tech/nunchaku-t5 publishes awq-int4-flux.1-t5xxl.safetensors (FLUX.1-dev's text_encoder_2).
+    _Spec(
+        "t5-xxl",
+        "t5-xxl",
+        Family.T5,
+        ("flux.1-t5xxl", "t5xxl", "t5-v1.1-xxl", "t5-v1_1-xxl", "awq-int4-flux.1-t5xxl"),
+        repo_is_alias=False,
+        extra=("mit-han-lab/nunchaku-t5", "nunchaku-tech/nunchaku-t5", "nunchaku-ai/nunchaku-t5"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class DerivedName:
+    """A name rule: published weights whose architecture is a known base model's (a distillation, a fine-tune)."""
+
+    #: Matches the whole normalized name (after the published prefix is stripped).
+    pattern: re.Pattern[str]
+    #: The known model whose config the weights use.
+    base: str
+    #: What such weights are, for the log ("a Lightning (step-distilled) version").
+    what: str
+
+
+#: Nunchaku's published derivatives (its examples and model repos), each mapped to its base model's config.
+DERIVED: tuple[DerivedName, ...] = (
+    # svdq-{precision}_r{rank}-qwen-image-lightningv1.0-4steps, -lightningv1.1-8steps (nunchaku-qwen-image)
+    DerivedName(
+        re.compile(r"qwen-image-lightning(?:v\d+(?:\.\d+)*)?-\d+steps"),
+        "qwen-image",
+        "a Lightning (step-distilled) version",
+    ),
+    # -qwen-image-edit-lightningv1.0-{4,8}steps (nunchaku-qwen-image-edit)
+    DerivedName(
+        re.compile(r"qwen-image-edit-lightning(?:v\d+(?:\.\d+)*)?-\d+steps"),
+        "qwen-image-edit",
+        "a Lightning (step-distilled) version",
+    ),
+    # -qwen-image-edit-2509-lightningv2.0-{4,8}steps and lightning-251115/...-lightning-{N}steps-251115
+    DerivedName(
+        re.compile(r"qwen-image-edit-2509-lightning(?:v\d+(?:\.\d+)*)?-\d+steps(?:-\d{6})?"),
+        "qwen-image-edit-2509",
+        "a Lightning (step-distilled) version",
+    ),
+    # svdq-{precision}_r32-flux.1-dev-colossusv12 (nunchaku-flux.1-dev-colossus)
+    DerivedName(re.compile(r"flux\.1-dev-colossus(?:v\d+(?:\.\d+)*)?"), "flux.1-dev", "a fine-tune (Colossus)"),
 )
 
 # Organisations and prefixes of Nunchaku's own repositories and files, stripped before a second lookup:
 # ``mit-han-lab/svdq-int4-flux.1-dev``, ``nunchaku-tech/nunchaku-qwen-image``, ``svdq-fp4_r128-qwen-image``.
 _PUBLISHED_PREFIX = re.compile(
-    r"^(?:(?:mit-han-lab|nunchaku-tech|nunchaku-ai)/)?(?:nunchaku-|svdq-(?:int4|fp4|nvfp4)(?:-r\d+)?-)?"
+    r"^(?:(?:mit-han-lab|nunchaku-tech|nunchaku-ai)/)?(?:nunchaku-|svdq-(?:int4|fp4|nvfp4)(?:-r\d+)?-|awq-int4-)?"
 )
 
 
@@ -185,10 +259,50 @@ def _embedded_dict(file_name: str) -> Mapping[str, Any]:
     return loaded
 
 
+def unet_layout(config: Mapping[str, Any]) -> tuple[tuple[str, int, int], ...]:
+    """Return a UNet2DConditionModel config's cross-attention blocks: ``(block, attentions, transformer blocks)``.
+
+    As diffusers builds them: a down block has ``layers_per_block`` attentions, an up block one more, the mid block
+    one; each attention holds ``transformer_layers_per_block`` transformer blocks (reversed for the up blocks unless
+    ``reverse_transformer_layers_per_block`` says otherwise; the mid block takes the last down entry).
+    """
+    down = [str(t) for t in config.get("down_block_types", ())]
+    up = [str(t) for t in config.get("up_block_types", ())]
+    count = len(down)
+
+    def per_block(value: object, default: int) -> list[int]:
+        if isinstance(value, (list, tuple)):
+            return [int(v[0] if isinstance(v, (list, tuple)) else v) for v in value]
+        return [int(value) if isinstance(value, int) else default] * count
+
+    depth = per_block(config.get("transformer_layers_per_block", 1), 1)
+    layers = per_block(config.get("layers_per_block", 2), 2)
+    reverse = config.get("reverse_transformer_layers_per_block")
+    up_depth = per_block(reverse, 1) if reverse is not None else list(reversed(depth))
+    up_layers = list(reversed(layers))
+    out: list[tuple[str, int, int]] = []
+    for i, kind in enumerate(down):
+        if kind.startswith("CrossAttn") and i < len(depth):
+            out.append((f"down_blocks.{i}", layers[i], depth[i]))
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn" and depth:
+        out.append(("mid_block", 1, depth[-1]))
+    for i, kind in enumerate(up):
+        if kind.startswith("CrossAttn") and i < len(up_depth):
+            out.append((f"up_blocks.{i}", up_layers[i] + 1, up_depth[i]))
+    return tuple(out)
+
+
+def describe_layout(layout: tuple[tuple[str, int, int], ...]) -> str:
+    """Return a UNet layout as ``down_blocks.1: 2x2, ..., up_blocks.1: 3x2`` (attentions x transformer blocks)."""
+    return ", ".join(f"{block}: {attentions}x{depth}" for block, attentions, depth in layout)
+
+
 def _variant_facts(config: Mapping[str, Any]) -> tuple[int, bool, int | None, int | None, int]:
-    in_channels = int(config["in_channels"])
+    in_channels = int(config.get("in_channels", 0))  # a T5Config has no latent input
     guidance = bool(config.get("guidance_embeds", False))
     layers = config.get("num_layers", config.get("n_layers"))
+    if config.get("_class_name") == "UNet2DConditionModel":
+        layers = sum(attentions * depth for _, attentions, depth in unet_layout(config))
     single = config.get("num_single_layers")
     width = in_channels
     if "all_patch_size" in config:
@@ -209,7 +323,7 @@ def _build(spec: _Spec) -> KnownModel:
     file_name = f"{spec.index_key}.json" if spec.stand_in is None else None
     config = _embedded_dict(file_name or f"{spec.stand_in}.json")
     in_channels, guidance, layers, single, width = _variant_facts(config)
-    names = (spec.name, entry["repo_id"], *spec.aliases)
+    names = (spec.name, *([entry["repo_id"]] if spec.repo_is_alias else []), *spec.aliases, *spec.extra)
     aliases = tuple(dict.fromkeys(names))  # keep order, drop repeats
     return KnownModel(
         name=spec.name,
@@ -247,13 +361,38 @@ def all_models() -> tuple[KnownModel, ...]:
     return _registry()[0]
 
 
+def _derived(name: str) -> tuple[DerivedName, KnownModel] | None:
+    """Return the name rule ``name`` (normalized, published prefix stripped or not) follows, with its base model."""
+    key = normalize_name(name)
+    for candidate in dict.fromkeys((key, _PUBLISHED_PREFIX.sub("", key))):
+        for rule in DERIVED:
+            if rule.pattern.fullmatch(candidate):
+                return rule, _registry()[1][normalize_name(rule.base)]
+    return None
+
+
 def find(name: str) -> KnownModel | None:
-    """Return the known model ``name`` designates (an alias, or a published Nunchaku name), or ``None``."""
+    """Return the known model ``name`` designates (an alias, a published Nunchaku name, or a derivative's name
+    mapped to its base model by :data:`DERIVED`), or ``None``."""
     by_alias = _registry()[1]
     key = normalize_name(name)
     if key in by_alias:
         return by_alias[key]
-    return by_alias.get(_PUBLISHED_PREFIX.sub("", key))
+    found = by_alias.get(_PUBLISHED_PREFIX.sub("", key))
+    if found is not None:
+        return found
+    derived = _derived(name)
+    return derived[1] if derived is not None else None
+
+
+def derived_note(name: str) -> str | None:
+    """Return the log line saying that ``name`` is a derivative using its base model's config, or ``None``."""
+    derived = _derived(name)
+    if derived is None:
+        return None
+    rule, base = derived
+    short = _PUBLISHED_PREFIX.sub("", normalize_name(name))
+    return f"{short!r} is {rule.what} of {base.name}: same architecture, so {base.name}'s config is used"
 
 
 def lookup(name: str) -> KnownModel:
@@ -288,7 +427,26 @@ def find_in_name(text: str) -> KnownModel | None:
     # A mention inside a longer one is part of it ("qwen-image" in "qwen-image-edit-2509"), not a second model.
     outer = [s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans)]
     named = {model.name: model for _, _, model in outer}
-    return next(iter(named.values())) if len(named) == 1 else None
+    if len(named) == 1:
+        return next(iter(named.values()))
+    derived = {base.name: base for _, base in _derived_mentions(haystack)}
+    return next(iter(derived.values())) if len(derived) == 1 else None
+
+
+def _derived_mentions(haystack: str) -> list[tuple[str, KnownModel]]:
+    """Return each derivative name a normalized file name mentions (as written), with its base model."""
+    found = []
+    for rule in DERIVED:
+        match = re.search(rf"(?<![a-z0-9.]){rule.pattern.pattern}(?![a-z0-9.])", haystack)
+        if match is not None:
+            found.append((match[0], _registry()[1][normalize_name(rule.base)]))
+    return found
+
+
+def derived_in_name(text: str) -> str | None:
+    """Return :func:`derived_note` for the derivative a file or folder name mentions, or ``None``."""
+    mentions = _derived_mentions(normalize_name(text))
+    return derived_note(mentions[0][0]) if mentions else None
 
 
 def embedded_config_text(model: KnownModel) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import contract, metadata, resolve
 from .errors import ConfigError, InferenceError, PatchError, UsageError
-from .facts import MODEL_CLASS, Fact, Family, Finding, Inference, Precision, Severity
+from .facts import Fact, Family, Finding, Inference, Precision, Severity
 from .header import Header, metadata_equal
 from .inspect import infer
 
@@ -55,7 +55,8 @@ class PatchPlan:
     inference: Inference
     family: Family
     precision: Precision
-    rank: int
+    #: ``None`` for the T5 encoder (AWQ W4A16: no low-rank branch, no quantization_config).
+    rank: int | None
     config_source: str
     model_name: str | None
     new_metadata: dict[str, str]
@@ -147,19 +148,13 @@ class Planner:
                 "or pass --force to write it anyway",
             )
         try:
-            precision, rank = metadata.choose_quantization(
-                inference,
-                precision=opts.precision,
-                rank=opts.rank,
-                yaml_facts=_yaml_mapping(resolved.yaml_facts),
-                force=opts.force,
-            )
+            precision, rank = self._quantization(family, inference, resolved)
             entries = metadata.build_entries(
                 family=family,
                 config_text=resolved.text,
                 precision=precision,
                 rank=rank,
-                model_class=opts.model_class or MODEL_CLASS[family],
+                model_class=opts.model_class,
                 comfy_config_text=self._comfy_text,
                 skip_refiners=inference.skip_refiners.value if inference.skip_refiners is not None else None,
                 compat_fields=opts.compat_fields,
@@ -182,6 +177,29 @@ class Planner:
             findings=findings,
         )
 
+    def _quantization(
+        self, family: Family, inference: Inference, resolved: resolve.ResolvedConfig
+    ) -> tuple[Precision, int | None]:
+        """Return the precision and rank to write; the T5 encoder has neither setting to choose (AWQ int4 only)."""
+        opts = self.options
+        if family is not Family.T5:
+            return metadata.choose_quantization(
+                inference,
+                precision=opts.precision,
+                rank=opts.rank,
+                yaml_facts=_yaml_mapping(resolved.yaml_facts),
+                force=opts.force,
+            )
+        if (opts.precision not in (None, "int4") or opts.rank is not None) and not opts.force:
+            raise UsageError(
+                "--precision / --rank do not apply to the T5 encoder",
+                code="t5-quantization",
+                expected="no --precision (the encoder is AWQ int4) and no --rank (it has no low-rank branch)",
+                got=f"--precision {opts.precision}" if opts.rank is None else f"--rank {opts.rank}",
+                hint="drop them: the T5 encoder's metadata is its config and model_class only",
+            )
+        return "int4", None
+
     def _names_config(self) -> bool:
         """Return whether the options say where the config comes from."""
         opts = self.options
@@ -198,7 +216,10 @@ class Planner:
         if self._names_config() or overrides or header.metadata is None or "config" not in header.metadata:
             return None
         report = contract.validate_metadata(header.metadata, inference)
-        if report.needs_work or report.family is None or inference.precision is None or inference.rank is None:
+        rank_needed = report.family is not Family.T5
+        if report.needs_work or report.family is None or inference.precision is None:
+            return None
+        if rank_needed and inference.rank is None:
             return None
         kept = dict(header.metadata)
         return PatchPlan(
@@ -207,7 +228,7 @@ class Planner:
             inference=inference,
             family=report.family,
             precision=inference.precision.value,
-            rank=inference.rank.value,
+            rank=inference.rank.value if inference.rank is not None else None,
             config_source="the config already in the file",
             model_name=None,
             new_metadata=kept,

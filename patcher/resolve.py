@@ -28,11 +28,19 @@ from typing import Any
 
 from . import models
 from .errors import ConfigError, PatchError
-from .facts import Fact, Family, Inference, Precision
+from .facts import Fact, Family, Inference, Precision, config_kind
 from .models import KnownModel
 
-#: Files a diffusers folder may hold its transformer config in, in the order tried.
-FOLDER_CONFIGS = ("transformer/config.json", "config.json")
+#: What to pass when a config file is unusable (the family is not known yet when a file is read).
+CONFIG_HINT = "Pass the model's config.json (transformer/config.json; SDXL: unet/; T5: text_encoder_2/)"
+
+
+def folder_configs(family: Family | None) -> tuple[str, ...]:
+    """Return the files a folder or repo may hold the family's config in: its own component first (``unet/`` for
+    SDXL, ``text_encoder_2/`` for FLUX.1's T5), then ``config.json``; the transformer's when the family is unknown."""
+    return (config_kind(family)[1], "config.json")
+
+
 #: deepcompressor's ``quant.wgts.dtype`` for each SVDQuant precision.
 YAML_DTYPES: Mapping[str, Precision] = {"sint4": "int4", "sfp4_e2m1_all": "nvfp4"}
 
@@ -172,16 +180,17 @@ def parse_config_text(text: str, *, source: str | os.PathLike[str]) -> dict[str,
         raise ConfigError(
             f"config is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
             path=source,
-            hint="Pass a diffusers transformer config.json",
+            hint=CONFIG_HINT,
         ) from exc
     if not isinstance(value, dict):
         raise ConfigError("config is not a JSON object", path=source, expected="an object", got=type(value).__name__)
     class_name = value.get("_class_name")
     if isinstance(class_name, str) and class_name.endswith("Pipeline"):
         raise ConfigError(
-            f"this is a pipeline's model_index.json ({class_name}), not a transformer config",
+            f"this is a pipeline's model_index.json ({class_name}), not a model config",
             path=source,
-            hint="Pass the transformer/config.json beside it, or the folder with --model-path",
+            hint="Pass the config.json of its transformer/ (SDXL: unet/, T5: text_encoder_2/) folder, "
+            "or the pipeline folder with --model-path",
         )
     return value
 
@@ -205,7 +214,7 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
         raise ConfigError(
             f"config is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
             path=where,
-            hint="Pass a diffusers transformer config.json",
+            hint=CONFIG_HINT,
         ) from exc
     # json.loads rejects a BOM, and so would Nunchaku reading the metadata: drop it, keep the rest as is.
     text = text.removeprefix(_BOM)
@@ -324,17 +333,18 @@ def _quiet_find(name: str | None) -> KnownModel | None:
     return models.find(name) if name else None
 
 
-def _from_folder(folder: Path, label: KnownModel | None, log: _Log) -> _Found:
-    for relative in FOLDER_CONFIGS:
+def _from_folder(folder: Path, label: KnownModel | None, log: _Log, family: Family | None) -> _Found:
+    files = folder_configs(family or (label.family if label is not None else None))
+    for relative in files:
         candidate = folder / relative
         if candidate.is_file():
             text, config = read_config_file(candidate)
             log(f"Loaded config from {candidate}")
             return _Found(text, config, f"local folder {folder} ({relative})", label or _quiet_find(folder.name))
     raise ConfigError(
-        "no transformer config in this folder",
+        f"no {config_kind(family or (label.family if label is not None else None))[0]} in this folder",
         path=folder,
-        expected=" or ".join(FOLDER_CONFIGS),
+        expected=" or ".join(files),
         hint="Pass a diffusers model folder, or the config with --config FILE",
     )
 
@@ -418,9 +428,12 @@ def _from_known(model: KnownModel, allow_download: bool, log: _Log) -> _Found:
     )
 
 
-def _from_name(name: str, allow_download: bool, log: _Log, *, what: str) -> _Found:
+def _from_name(name: str, allow_download: bool, log: _Log, *, what: str, family: Family | None = None) -> _Found:
     """Resolve a model name or repo id (steps 4 and 5)."""
     model = models.find(name)
+    note = models.derived_note(name)
+    if note is not None:
+        log(note)
     if model is not None:
         if models.normalize_name(name) == models.normalize_name(model.repo_id):
             log(f"{what} {name!r} is the known model {model.name}")
@@ -429,10 +442,11 @@ def _from_name(name: str, allow_download: bool, log: _Log, *, what: str) -> _Fou
         return _from_known(model, allow_download, log)
     if _REPO_ID.fullmatch(name):
         log(f"{what} {name!r} is not a known model; treating it as a Hugging Face repo id")
-        found = _from_hub(name, FOLDER_CONFIGS, allow_download, log)
+        files = folder_configs(family)
+        found = _from_hub(name, files, allow_download, log)
         if found is None:
             raise ConfigError(
-                f"no config for {name} found (no transformer/config.json or config.json in the local Hugging Face "
+                f"no config for {name} found (no {' or '.join(files)} in the local Hugging Face "
                 f"cache {hf_cache_dir()}" + (")" if allow_download else ", and downloading was not allowed)"),
                 hint="Pass --allow-download, --model-path DIR or --config FILE",
             )
@@ -464,14 +478,14 @@ def _from_model_path(
     local = _local_path(raw, base)
     if local is not None and local.is_dir():
         log(f"{what}: using local folder {local}")
-        return _from_folder(local, label or _quiet_find(request.model), log)
+        return _from_folder(local, label or _quiet_find(request.model), log, request.facts.family)
     if local is not None:
         text, config = read_config_file(local)
         log(f"Loaded config from {local}")
         return _Found(text, config, f"config file {local}", label or _quiet_find(request.model))
     name = os.fspath(raw)
     if _REPO_ID.fullmatch(name) and not name.startswith((".", "/", "~")):
-        found = _from_name(name, request.allow_download, log, what=what)
+        found = _from_name(name, request.allow_download, log, what=what, family=request.facts.family)
         return found if found.model is not None else replace(found, model=label)
     raise ConfigError(
         f"{what} is neither a folder nor a Hugging Face repo id",
@@ -512,10 +526,11 @@ def _from_facts(request: ConfigRequest, log: _Log) -> _Found:
     described = facts.describe()
     where = request.filename
     if not fits:
+        kind, inside = config_kind(facts.family)
         raise ConfigError(
             f"no known model matches the header ({described})",
             path=where,
-            hint="Pass --config FILE or --model-path DIR with the model's transformer config.json",
+            hint=f"Pass --config FILE with the model's {kind} ({inside}), or --model-path DIR",
         )
     log(f"No model named; the header ({described}) fits: {', '.join(m.name for m in fits)}")
     for name in _hint_names(request.filename):
@@ -524,6 +539,9 @@ def _from_facts(request: ConfigRequest, log: _Log) -> _Found:
             continue
         if hinted in fits:
             log(f"The name {name!r} says {hinted.name}; using it")
+            note = models.derived_in_name(name)
+            if note is not None:
+                log(note)
             return _from_known(hinted, request.allow_download, log)
         log(f"The name {name!r} suggests {hinted.name}, which does not fit the header; ignoring the name")
         break
@@ -537,6 +555,8 @@ def _from_facts(request: ConfigRequest, log: _Log) -> _Found:
         shown = {"in_channels": facts.in_channels, "guidance_embeds": facts.guidance_embeds}
         unknown = [name for name, value in shown.items() if value is None and name in differing]
         why = f"; the header does not show {' or '.join(unknown)}" if unknown else ""
+        if not set(differing) & {"in_channels", "guidance_embeds", "num_layers", "num_single_layers"}:
+            why = "; the tensors cannot tell them apart (same architecture): the file name or --model decides"
         raise ConfigError(
             f"cannot tell which model this is: the header fits {', '.join(m.name for m in fits)}, whose configs "
             f"differ on {', '.join(differing)}{why}",
@@ -588,7 +608,7 @@ def resolve_config(request: ConfigRequest, *, log: Callable[[str], None]) -> Res
         note("--config-yaml")
         found = _from_yaml(yaml_facts, request, say)
     elif request.model is not None:
-        found = _from_name(request.model, request.allow_download, say, what="model name")
+        found = _from_name(request.model, request.allow_download, say, what="model name", family=request.facts.family)
     else:
         found = _from_facts(request, say)
     return ResolvedConfig(

@@ -8,7 +8,11 @@ benchmarks: :func:`build_table` is pure, :func:`write_sparse` writes a real head
 (no data bytes), :func:`write_random` writes real random bytes.
 
 Where the published layout is only partly known (SANA's depth-wise conv, SDXL's resnets, which T5 linears are
-quantized) the table is plausible rather than exact; the comments say so.
+quantized) the table is plausible rather than exact; the comments say so. What Nunchaku's loaders fix is
+followed: SDXL's quantized layers per transformer block (``attn1.to_qkv``, ``attn1.to_out.0``, ``attn2.to_q``,
+``attn2.to_out.0``, ``ff.net.0.proj``, ``ff.net.2``; ``attn2.to_k``/``to_v`` stay 16-bit) with deepcompressor's
+``lora_down``/``smooth`` names (``convert_sdxl_state_dict`` renames them), and T5's ``W4Linear`` (``qweight`` I16
+``[out/4, in]``, ``scales``/``scaled_zeros`` ``[groups, out]``, group 128).
 """
 
 from __future__ import annotations
@@ -139,25 +143,30 @@ PRESETS: Mapping[str, SynthSpec] = {
     },
     "qwen-image": SynthSpec(family=Family.QWEN_IMAGE, in_channels=64, guidance=False),
     # Same architecture as qwen-image: the tensor table cannot tell them apart.
+    "qwen-image-edit": SynthSpec(family=Family.QWEN_IMAGE, in_channels=64, guidance=False),
     "qwen-image-edit-2509": SynthSpec(family=Family.QWEN_IMAGE, in_channels=64, guidance=False),
     "sana-1600m": SynthSpec(family=Family.SANA, in_channels=32, guidance=False),
     "z-image-turbo": SynthSpec(family=Family.Z_IMAGE, in_channels=16, guidance=False),
-}
-#: Families Nunchaku loads but the contract names no model for: plausible tables only.
-EXTRA_PRESETS: Mapping[str, SynthSpec] = {
+    # SDXL base and Turbo share one UNet: the same table (deepcompressor naming, as Nunchaku's loader expects).
     "sdxl": SynthSpec(family=Family.SDXL, in_channels=4, guidance=False),
+    "sdxl-turbo": SynthSpec(family=Family.SDXL, in_channels=4, guidance=False),
     "t5-xxl": SynthSpec(family=Family.T5, in_channels=0, guidance=False),
 }
 _ALIASES = {"sana-1600m-1024px": "sana-1600m"}
 
 
 def preset(name: str, **changes: Any) -> SynthSpec:
-    """Return the spec of a known model (case-insensitive), with optional field changes."""
+    """Return the spec of a known model (case-insensitive; any name ``--model`` accepts), with field changes."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    spec = PRESETS.get(key) or EXTRA_PRESETS.get(key)
+    if key not in PRESETS:
+        from . import models  # a published name (svdq-int4_r32-sdxl, a Lightning file): its base model's table
+
+        found = models.find(key)
+        key = found.name if found is not None else key
+    spec = PRESETS.get(key)
     if spec is None:
-        known = ", ".join([*PRESETS, *EXTRA_PRESETS])
+        known = ", ".join(PRESETS)
         raise UsageError(f"unknown synthetic preset {name!r}", expected=f"one of {known}", got=name)
     return spec.with_(**changes)
 

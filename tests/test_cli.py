@@ -571,7 +571,8 @@ def test_a_file_that_is_already_correct_is_not_refused_for_being_read_only(
             ["a.safetensors", "--model", "flux.9"],
             "error: unknown model name 'flux.9'. Did you mean flux.1-dev? Known models: flux.1-dev, flux.1-schnell, "
             "flux.1-fill-dev, flux.1-canny-dev, flux.1-depth-dev, flux.1-kontext-dev, flux.1-krea-dev, shuttle-jaguar, "
-            "qwen-image, qwen-image-edit-2509, sana-1600m, z-image-turbo; or pass --config FILE",
+            "qwen-image, qwen-image-edit, qwen-image-edit-2509, sana-1600m, z-image-turbo, sdxl, sdxl-turbo, t5-xxl; "
+            "or pass --config FILE",
         ),
         (
             ["a.safetensors", "--comfy-config", "nowhere.json"],

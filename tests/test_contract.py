@@ -677,3 +677,187 @@ def test_end_to_end_failures_match_the_validator(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="model_class"):
         replay_comfyui_flux(read)
     assert not validate_metadata(read, flux()).verdicts["comfyui-nunchaku"].ok
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL and the T5 encoder: exactly the entries their loaders read, and validate replaying those reads
+
+
+def synth_inference(preset_name: str, **changes: Any) -> Inference:
+    from patcher.inspect import infer
+    from patcher.synth import preset, synth_header
+
+    # T5 at full width (its config's d_model is compared with the tensors); the diffusion models at 0.1
+    changes.setdefault("scale", 1.0 if preset_name == "t5-xxl" else 0.1)
+    return infer(synth_header(preset(preset_name, **changes)))
+
+
+def test_sdxl_and_t5_entries_are_exactly_what_their_loaders_read() -> None:
+    # NunchakuSDXLUNet2DConditionModel: metadata["config"] and quantization_config.get("rank", 32); nothing else.
+    sdxl = build_entries(family=Family.SDXL, config_text=config_text("sdxl"), precision="int4", rank=32)
+    assert list(sdxl) == ["config", "quantization_config"]
+    assert sdxl["quantization_config"] == quantization_config_text("int4", 32)
+    # NunchakuT5EncoderModel: T5Config(**json.loads(metadata["config"])); ComfyUI-nunchaku: model_class.
+    t5 = build_entries(family=Family.T5, config_text=config_text("t5-xxl"), precision=None, rank=None)
+    assert t5 == {"config": config_text("t5-xxl"), "model_class": "NunchakuT5EncoderModel"}
+    # An explicit --model-class is still written.
+    named = build_entries(
+        family=Family.SDXL, config_text=config_text("sdxl"), precision="int4", rank=32, model_class="X"
+    )
+    assert named["model_class"] == "X"
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "precision", "rank"),
+    [
+        ("sdxl", Family.SDXL, "int4", 32),
+        ("sdxl-turbo", Family.SDXL, "nvfp4", 128),
+        ("t5-xxl", Family.T5, None, None),
+        ("qwen-image-edit", Family.QWEN_IMAGE, "int4", 128),
+    ],
+)
+def test_new_models_built_entries_validate(name: str, family: Family, precision: str | None, rank: int | None) -> None:
+    inf = synth_inference(name, **({"precision": precision, "rank": rank} if rank else {}))
+    text = config_text(name)
+    if family is not Family.T5 and family is not Family.SDXL:
+        # the synthetic table is 0.1 wide: scale the config's heads to it
+        config = json.loads(text)
+        assert inf.hidden_size is not None
+        config["num_attention_heads"] = inf.hidden_size.value // config["attention_head_dim"]
+        text = json.dumps(config)
+    report = validate_metadata(build_entries(family=family, config_text=text, precision=precision, rank=rank), inf)
+    assert report.ok and not report.needs_work, report.findings
+    assert set(report.verdicts) == {loader.key for loader in LOADERS[family]}
+    assert all(c.passed for c in report.checks), [c for c in report.checks if not c.passed]
+
+
+def test_t5_without_metadata_fails_both_loaders_for_their_own_reasons() -> None:
+    report = validate_metadata(None, synth_inference("t5-xxl"))
+    nunchaku, comfy = report.verdicts["nunchaku"], report.verdicts["comfyui-nunchaku"]
+    assert not nunchaku.ok and "TypeError: 'NoneType' object is not subscriptable" in nunchaku.reasons[0]
+    assert not comfy.ok and "does not recognise the file" in comfy.reasons[0]
+    assert "NunchakuT5EncoderModel" in comfy.reasons[0]
+
+
+def test_t5_file_without_config_fails_comfyui_too() -> None:
+    # ComfyUI-nunchaku builds the encoder through NunchakuT5EncoderModel.from_pretrained, which reads the config.
+    report = validate_metadata({"model_class": "NunchakuT5EncoderModel"}, synth_inference("t5-xxl"))
+    assert not report.verdicts["comfyui-nunchaku"].ok and report.by_code("missing-config")
+
+
+def test_t5_quantization_config_is_not_checked_and_sdxl_needs_no_model_class() -> None:
+    t5 = {"config": config_text("t5-xxl"), "model_class": MODEL_CLASS[Family.T5]}
+    # an SVDQuant quantization_config left by an older tool: no T5 loader reads it
+    report = validate_metadata(
+        {**t5, "quantization_config": quantization_config_text("int4", 32)}, synth_inference("t5-xxl")
+    )
+    assert report.ok and not report.needs_work, report.findings
+    sdxl = {"config": config_text("sdxl"), "quantization_config": quantization_config_text("int4", 32)}
+    report = validate_metadata(sdxl, synth_inference("sdxl"))
+    assert report.ok and not report.needs_work and not report.by_code("missing-model-class")
+
+
+def _edited(name: str, **fields: Any) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads(config_text(name))
+    config.update(fields)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "preset_name", "code", "text"),
+    [
+        # an SD 1.5-shaped UNet (one transformer block per attention, three cross-attention down blocks)
+        (
+            _edited(
+                "sdxl",
+                transformer_layers_per_block=1,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            ),
+            "sdxl",
+            "config-unet-layout",
+            "expected down_blocks.1: 2x2, down_blocks.2: 2x10",
+        ),
+        # an inpainting UNet's 9 input channels on 4-channel weights
+        (_edited("sdxl", in_channels=9), "sdxl", "config-in-channels", "conv_in takes 4 input channels"),
+        # a T5-base config on T5-XXL weights
+        (_edited("t5-xxl", d_model=768, num_layers=12), "t5-xxl", "config-num-layers", "the file has 24 layers"),
+        (_edited("t5-xxl", d_model=768), "t5-xxl", "config-hidden-size", "expected 4096"),
+    ],
+)
+def test_sdxl_and_t5_config_contradictions(config: dict[str, Any], preset_name: str, code: str, text: str) -> None:
+    inf = synth_inference(preset_name)
+    findings = [f for f in check_config_against_header(config, inf) if f.code == code]
+    assert findings and text in findings[0].message, check_config_against_header(config, inf)
+
+
+def test_t5_with_another_group_size_fails_its_loaders() -> None:
+    from patcher.inspect import infer
+    from patcher.synth import build_table, header_of, preset, table_to_tensors
+
+    table = build_table(preset("t5-xxl", scale=0.25))
+    # group 64: TinyChat pads 1024 / 64 = 16 groups to 2 packs of 8 -> 16 rows (group 128 would give 8)
+    for name, (dtype, shape) in list(table.items()):
+        if name.endswith((".scales", ".scaled_zeros")):
+            table[name] = (dtype, (shape[0] * 2, shape[1]))
+    inf = infer(header_of(table_to_tensors(table)))
+    assert inf.group_size is not None and inf.group_size.value == 64
+    metadata = {"config": config_text("t5-xxl"), "model_class": "NunchakuT5EncoderModel"}
+    report = validate_metadata(metadata, inf)
+    assert not report.verdicts["nunchaku"].ok and not report.verdicts["comfyui-nunchaku"].ok
+    assert "group_size=128" in report.by_code("t5-group-size")[0].message
+
+
+def replay_sdxl(metadata: Mapping[str, str] | None, lora_rank: int) -> dict[str, Any]:
+    """NunchakuSDXLUNet2DConditionModel.from_pretrained's reads: config, then quantization_config's rank."""
+    config = json.loads(metadata["config"])  # type: ignore[index]
+    rank = json.loads(metadata.get("quantization_config", "{}")).get("rank", 32)  # type: ignore[union-attr]
+    if rank != lora_rank:
+        raise ValueError(f"size mismatch for proj_down: rank {rank} vs {lora_rank} in the checkpoint")
+    return {"config": config, "rank": rank}
+
+
+def replay_t5(metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """ComfyUI-nunchaku's text-encoder loader, then NunchakuT5EncoderModel.from_pretrained's read of the config."""
+    if metadata is None or metadata.get("model_class", None) != "NunchakuT5EncoderModel":
+        raise LookupError("not a Nunchaku T5 encoder: loaded as a plain T5")
+    config = json.loads(metadata["config"])
+    # T5Config(**config): the fields T5EncoderModel is built from
+    return {k: config[k] for k in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "feed_forward_proj")}
+
+
+def test_end_to_end_sdxl_and_t5_entries_load(tmp_path: Path) -> None:
+    sdxl = {
+        "format": "pt",
+        **build_entries(family=Family.SDXL, config_text=config_text("sdxl"), precision="int4", rank=128),
+    }
+    tensors = {
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.qweight": ("I8", [384, 64]),
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down": ("BF16", [128, 128]),
+    }
+    path = write_safetensors(tmp_path / "sdxl.safetensors", tensors, sdxl, data="zeros")
+    assert oracle_accepts(path)
+    with safe_open(str(path), framework="np") as f:
+        read = f.metadata()
+        lora_rank = f.get_slice("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down").get_shape()[1]
+    assert read == sdxl
+    assert replay_sdxl(read, lora_rank)["config"]["_class_name"] == "UNet2DConditionModel"
+    # a file merged before "rank" was written: the default 32 on r128 tensors, as the validator says
+    with pytest.raises(ValueError, match="rank 32 vs 128"):
+        replay_sdxl(replaced(read, quantization_config=qc_without_rank()), 128)
+
+    t5 = build_entries(family=Family.T5, config_text=config_text("t5-xxl"), precision=None, rank=None)
+    tensors = {"encoder.block.0.layer.0.SelfAttention.q.qweight": ("I16", [1024, 4096])}
+    path = write_safetensors(tmp_path / "t5.safetensors", tensors, t5, data="zeros")
+    with safe_open(str(path), framework="np") as f:
+        read = f.metadata()
+    assert replay_t5(read) == {
+        "d_model": 4096,
+        "d_ff": 10240,
+        "d_kv": 64,
+        "num_heads": 64,
+        "num_layers": 24,
+        "feed_forward_proj": "gated-gelu",
+    }
+    with pytest.raises(LookupError):
+        replay_t5(None)

@@ -29,6 +29,16 @@ HIDDEN = {
 }
 
 
+#: SDXL's cross-attention blocks: (UNet block, attentions, transformer blocks per attention).
+SDXL_LAYOUT = (
+    ("down_blocks.1", 2, 2),
+    ("down_blocks.2", 2, 10),
+    ("mid_block", 1, 10),
+    ("up_blocks.0", 3, 10),
+    ("up_blocks.1", 3, 2),
+)
+
+
 def run(spec: SynthSpec) -> Inference:
     """Build the header of ``spec`` the way a file would have it and infer from it."""
     return infer(header_of(table_to_tensors(build_table(spec))))
@@ -36,17 +46,19 @@ def run(spec: SynthSpec) -> Inference:
 
 def expected(spec: SynthSpec, hidden: int | None) -> dict[str, object]:
     """Return what the inference must say about a table built from ``spec``."""
-    svdq = spec.family is not Family.T5  # the T5 encoder is AWQ weight-only: no SVDQuant precision or rank
-    counted = spec.family is not Family.SDXL
+    svdq = spec.family is not Family.T5  # the T5 encoder is AWQ W4A16: int4 weights, group 128, no rank
+    sdxl = spec.family is Family.SDXL
     flux = spec.family is Family.FLUX
     full = spec.include_unquantized
     return {
         "family": spec.family,
-        "quantized": svdq,
-        "precision": spec.precision if svdq else None,
+        "quantized": True,
+        "precision": spec.precision,
         "rank": spec.rank if svdq else None,
-        "group_size": {"int4": 64, "nvfp4": 16}[spec.precision] if svdq else None,
-        "num_layers": spec.resolved_layers if counted else None,
+        "group_size": {"int4": 64, "nvfp4": 16}[spec.precision] if svdq else 128,
+        # SDXL: every transformer block of the UNet (2x2 + 2x10 + 1x10 + 3x10 + 3x2)
+        "num_layers": 70 if sdxl else spec.resolved_layers,
+        "unet_layout": SDXL_LAYOUT if sdxl else None,
         "num_single_layers": (spec.resolved_single_layers or None) if flux else None,
         "in_channels": spec.in_channels if full and spec.family is not Family.T5 else None,
         "guidance_embeds": spec.guidance if flux and full else None,
@@ -119,7 +131,10 @@ CASES: list[tuple[str, SynthSpec, str]] = [
     ("sana-1600m-nvfp4-r32", preset("sana-1600m", precision="nvfp4"), "svdq-fp4-sana"),
     ("sdxl-int4-r32", preset("sdxl"), "UNet transformer blocks"),
     ("sdxl-nvfp4-r128", preset("sdxl", precision="nvfp4", rank=128), "UNet, fp4"),
-    ("t5-xxl-awq", preset("t5-xxl"), "AWQ W4A16 T5 encoder: family only"),
+    ("sdxl-turbo-int4-r32", preset("sdxl-turbo"), "same UNet as SDXL: the tensors cannot tell them apart"),
+    ("sdxl-blocks-only", preset("sdxl", include_unquantized=False), "no conv_in: in_channels None"),
+    ("t5-xxl-awq", preset("t5-xxl"), "AWQ W4A16 T5 encoder: int4, group 128, 24 blocks, no rank"),
+    ("qwen-image-edit-int4-r32", preset("qwen-image-edit"), "same table as qwen-image"),
 ]
 
 

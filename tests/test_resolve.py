@@ -606,8 +606,8 @@ def test_step6_no_known_model_matches(cache: Path) -> None:
     message = error_of(ConfigRequest(facts=HeaderFacts(Family.FLUX, 64, True, 8, 20), filename="lite.safetensors"))
     assert message == (
         "lite.safetensors: no known model matches the header (family flux, in_channels 64, guidance embedder present,"
-        " 8 double and 20 single blocks). Pass --config FILE or --model-path DIR with the model's transformer"
-        " config.json"
+        " 8 double and 20 single blocks). Pass --config FILE with the model's transformer config"
+        " (transformer/config.json), or --model-path DIR"
     )
 
 
@@ -633,7 +633,8 @@ ERRORS = [
         None,
         CONFIGS / "trailing-comma.json",
         "{path}: config is not valid JSON (Expecting property name enclosed in "
-        "double quotes at line 5 column 1). Pass a diffusers transformer config.json",
+        "double quotes at line 5 column 1). Pass the model's config.json (transformer/config.json; SDXL: unet/; T5:"
+        " text_encoder_2/)",
     ),
     # a JSON array
     (None, CONFIGS / "not-an-object.json", "{path}: config is not a JSON object (expected an object, got list)"),
@@ -642,7 +643,8 @@ ERRORS = [
         None,
         CONFIGS / "model_index.json",
         "{path}: this is a pipeline's model_index.json (FluxPipeline), not a "
-        "transformer config. Pass the transformer/config.json beside it, or the folder with --model-path",
+        "model config. Pass the config.json of its transformer/ (SDXL: unet/, T5: text_encoder_2/) folder, or the"
+        " pipeline folder with --model-path",
     ),
 ]
 
@@ -660,7 +662,8 @@ def test_config_file_not_utf8(tmp_path: Path, cache: Path) -> None:
     path = tmp_path / "latin1.json"
     path.write_bytes(b'{"name": "caf\xe9"}')
     assert error_of(ConfigRequest(config_file=path)) == (
-        f"{path}: config is not UTF-8 text (byte 0xe9 at offset 13). Pass a diffusers transformer config.json"
+        f"{path}: config is not UTF-8 text (byte 0xe9 at offset 13). Pass the model's config.json"
+        " (transformer/config.json; SDXL: unet/; T5: text_encoder_2/)"
     )
 
 
@@ -683,3 +686,56 @@ def test_unknown_model_name(cache: Path) -> None:
 def test_invalid_repo_id(cache: Path) -> None:
     message = error_of(ConfigRequest(model="org/na--me"))
     assert message.startswith("not a valid Hugging Face repo id: 'org/na--me'")
+
+
+@pytest.mark.parametrize(
+    ("facts", "kind"),
+    [
+        # an SDXL-family UNet of another shape: the hint asks for a UNet config
+        (HeaderFacts(Family.SDXL, 9, None, 70, None), "UNet config (unet/config.json)"),
+        # a T5 encoder of another depth: a text-encoder config, not a transformer config
+        (HeaderFacts(Family.T5, None, None, 12, None), "text-encoder config (text_encoder_2/config.json)"),
+        # Qwen-Image with another depth: a transformer config
+        (HeaderFacts(Family.QWEN_IMAGE, 64, None, 20, None), "transformer config (transformer/config.json)"),
+    ],
+)
+def test_step6_hint_names_the_kind_of_config_of_the_family(cache: Path, facts: HeaderFacts, kind: str) -> None:
+    message = error_of(ConfigRequest(facts=facts, filename="odd.safetensors"))
+    assert "no known model matches the header" in message
+    assert f"Pass --config FILE with the model's {kind}, or --model-path DIR" in message
+
+
+def test_step6_sdxl_or_turbo_is_decided_by_the_file_name(cache: Path) -> None:
+    facts = HeaderFacts(Family.SDXL, 4, None, 70, None)
+    result, lines = resolve(ConfigRequest(facts=facts, filename="svdq-int4_r32-sdxl-turbo.safetensors"))
+    assert result.model is not None and result.model.name == "sdxl-turbo"
+    assert any("says sdxl-turbo" in line for line in lines)
+    message = error_of(ConfigRequest(facts=facts, filename="unet.safetensors"))
+    assert "cannot tell which model this is: the header fits sdxl, sdxl-turbo, whose configs differ on" in message
+    assert "differ on sample_size;" in message
+    assert "the tensors cannot tell them apart (same architecture): the file name or --model decides" in message
+    assert "Pass --model NAME (e.g. --model sdxl)" in message
+
+
+def test_model_name_of_a_lightning_file_logs_its_base(cache: Path) -> None:
+    request = ConfigRequest(model="svdq-int4_r32-qwen-image-edit-2509-lightningv2.0-4steps")
+    result, lines = resolve(request)
+    assert result.model is not None and result.model.name == "qwen-image-edit-2509"
+    assert any("Lightning (step-distilled) version of qwen-image-edit-2509" in line for line in lines)
+
+
+def test_file_name_of_a_colossus_file_logs_its_base(cache: Path) -> None:
+    facts = HeaderFacts(Family.FLUX, 64, True, 19, 38)
+    result, lines = resolve(ConfigRequest(facts=facts, filename="svdq-fp4_r32-flux.1-dev-colossusv12.safetensors"))
+    assert result.model is not None and result.model.name == "flux.1-dev"
+    assert any("fine-tune (Colossus) of flux.1-dev" in line for line in lines)
+
+
+def test_model_path_folder_of_an_sdxl_pipeline_reads_its_unet_config(tmp_path: Path, cache: Path) -> None:
+    unet = tmp_path / "sdxl" / "unet"
+    unet.mkdir(parents=True)
+    text = models.embedded_config_text(models.lookup("sdxl"))
+    (unet / "config.json").write_text(text)
+    facts = HeaderFacts(Family.SDXL, 4, None, 70, None)
+    result, _ = resolve(ConfigRequest(model_path=str(tmp_path / "sdxl"), facts=facts))
+    assert result.text == text and result.source.endswith("(unet/config.json)")

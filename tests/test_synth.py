@@ -11,16 +11,18 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors import safe_open
 
+from patcher import models
 from patcher.errors import UsageError, WriteError
 from patcher.facts import Family
 from patcher.header import DTYPE_BITS, parse_header, read_header
+from patcher.inspect import infer
 from patcher.synth import (
-    EXTRA_PRESETS,
     PRESETS,
     SynthSpec,
     build_table,
@@ -220,7 +222,7 @@ def test_flux_variant_evidence(name: str, in_channels: int, guidance: bool) -> N
     assert table["proj_out.weight"] == ("BF16", (64, 3072))
 
 
-@pytest.mark.parametrize("name", [*PRESETS, *EXTRA_PRESETS])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_blocks_only_has_no_unquantized_layers(name: str) -> None:
     spec = preset(name, include_unquantized=False, num_layers=2, num_single_layers=1, scale=0.05)
     full = build_table(spec.with_(include_unquantized=True))
@@ -231,7 +233,7 @@ def test_blocks_only_has_no_unquantized_layers(name: str) -> None:
     assert not any(".qweight" in n for n in removed)  # only 16-bit layers go
 
 
-@pytest.mark.parametrize("name", [*PRESETS, *EXTRA_PRESETS])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_scale_keeps_structure(name: str) -> None:
     spec = preset(name, num_layers=2, num_single_layers=2)
     full, small = build_table(spec), build_table(spec.with_(scale=0.05))
@@ -325,10 +327,23 @@ def test_preset_names_are_case_insensitive_and_take_changes() -> None:
     assert preset("sana-1600m-1024px") == PRESETS["sana-1600m"]
 
 
-def test_contract_models_all_have_presets() -> None:
-    listed = "flux.1-dev flux.1-schnell flux.1-fill-dev flux.1-canny-dev flux.1-depth-dev flux.1-kontext-dev"
-    listed += " flux.1-krea-dev shuttle-jaguar qwen-image qwen-image-edit-2509 sana-1600m z-image-turbo"
-    assert set(listed.split()) == set(PRESETS)
+def test_every_known_model_has_a_preset() -> None:
+    assert set(PRESETS) == {m.name for m in models.all_models()}
+
+
+@pytest.mark.parametrize(
+    ("name", "base"),
+    [
+        # a published file name maps to its model's preset
+        ("svdq-int4_r32-sdxl-turbo", "sdxl-turbo"),
+        # the T5 encoder's published name
+        ("awq-int4-flux.1-t5xxl", "t5-xxl"),
+        # a Lightning name: the base model's table (same architecture)
+        ("qwen-image-edit-2509-lightningv2.0-4steps", "qwen-image-edit-2509"),
+    ],
+)
+def test_preset_accepts_published_names(name: str, base: str) -> None:
+    assert preset(name) == PRESETS[base]
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +434,7 @@ def test_write_error_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "precision"),
     # T5 files are AWQ int4 only: no nvfp4 case.
-    [(n, p) for n in [*PRESETS, *EXTRA_PRESETS] for p in ("int4", "nvfp4") if (n, p) != ("t5-xxl", "nvfp4")],
+    [(n, p) for n in list(PRESETS) for p in ("int4", "nvfp4") if (n, p) != ("t5-xxl", "nvfp4")],
 )
 def test_every_preset_writes_a_file_the_reader_accepts(tmp_path: Path, name: str, precision: str) -> None:
     spec = preset(name, precision=precision, num_layers=2, num_single_layers=2, scale=0.05)
@@ -454,3 +469,44 @@ if __name__ == "__main__":
         _regen()
     else:
         print("usage: python tests/test_synth.py --regen", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/make_sample.py --preset: every known model, and the published names --model accepts
+
+
+def _make_sample() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_sample.py"
+    spec = importlib.util.spec_from_file_location("make_sample", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("sdxl", Family.SDXL),
+        ("sdxl-turbo", Family.SDXL),
+        ("t5-xxl", Family.T5),
+        ("qwen-image-edit", Family.QWEN_IMAGE),
+        # a published Lightning file name: its base model's table
+        ("svdq-int4_r32-qwen-image-edit-2509-lightningv2.0-4steps", Family.QWEN_IMAGE),
+    ],
+)
+def test_make_sample_writes_every_new_model(tmp_path: Path, name: str, family: Family) -> None:
+    out = tmp_path / "sample.safetensors"
+    assert _make_sample().main([str(out), "--preset", name, "--scale", "0.1"]) == 0
+    with safe_open(str(out), framework="np") as f:  # the reference reader accepts it, with no metadata
+        assert f.metadata() is None
+    inference = infer(read_header(out))
+    assert inference.family is not None and inference.family.value is family
+
+
+def test_make_sample_refuses_nvfp4_for_t5_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _make_sample().main([str(tmp_path / "t5.safetensors"), "--preset", "t5-xxl", "--precision", "nvfp4"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: bad synthetic spec field 'precision'")
