@@ -8,6 +8,7 @@ wrapper that reads the length prefix and the header bytes, never the data region
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -207,8 +208,14 @@ def _has_lone_surrogate(text: str) -> bool:
 # (1.7976931348623158e308 is out of range for it), so the check below replays it.
 _U64_TENTH, _U64_LAST = divmod(_U64_MAX, 10)
 _I32_MAX = 2**31 - 1
-_POW10 = tuple(float(f"1e{power}") for power in range(309))
-_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([-+]?)([0-9]+))?")
+_POW10_COUNT = 309
+
+
+@functools.cache
+def _serde_tables() -> tuple[re.Pattern[str], tuple[float, ...]]:
+    # Built on first use (a number near f64's maximum is rare): the pattern costs milliseconds to compile.
+    number = re.compile(r"-?(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([-+]?)([0-9]+))?")
+    return number, tuple(float(f"1e{power}") for power in range(_POW10_COUNT))
 
 
 def _take_digits(significand: int, digits: str) -> tuple[int, int]:
@@ -225,7 +232,8 @@ def _take_digits(significand: int, digits: str) -> tuple[int, int]:
 
 def _serde_in_range(text: str) -> bool:
     """Return whether serde_json reads the JSON number ``text`` without a "number out of range" error."""
-    match = _NUMBER.fullmatch(text)
+    number, pow10 = _serde_tables()
+    match = number.fullmatch(text)
     if match is None:  # not a JSON number: the JSON parser has rejected it already
         return False
     whole, fraction, sign, exponent_digits = match.groups()
@@ -251,9 +259,9 @@ def _serde_in_range(text: str) -> bool:
         exponent = max(min(exponent, _I32_MAX), -_I32_MAX - 1)
     if exponent < 0:
         return True  # divisions only shrink the value
-    if exponent >= len(_POW10):
+    if exponent >= _POW10_COUNT:
         return significand == 0
-    return not math.isinf(float(significand) * _POW10[exponent])
+    return not math.isinf(float(significand) * pow10[exponent])
 
 
 def _parse_float(text: str) -> float:
