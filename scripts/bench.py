@@ -574,7 +574,8 @@ class Setup:
 
     def cli_argv(self, *paths: str, output: str | None = None) -> list[str]:
         """Return the CLI command that patches ``paths`` for FLUX.1-dev with one JSON record per file."""
-        argv = [*self.cli, *paths, "--model", MODEL, *self.cli_extra, "-q", "--json"]
+        # No -q: the command as users type it (click imports difflib to parse any short option), plus --json.
+        argv = [*self.cli, *paths, "--model", MODEL, *self.cli_extra, "--json"]
         return [*argv, "-o", output] if output is not None else argv
 
     def sample_load(self) -> None:
@@ -599,7 +600,7 @@ def main_comparison(setup: Setup, main: BenchFile, spare: BenchFile, metadata_fi
     out = setup.work / "out.safetensors"
     size = main.path.stat().st_size
     folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
-    merge_argv = [*setup.cli, "merge", str(folder), *setup.cli_extra, "--model", MODEL, "-q", "--json", "-o", str(out)]
+    merge_argv = [*setup.cli, "merge", str(folder), *setup.cli_extra, "--model", MODEL, "--json", "-o", str(out)]
     resave = _RESAVE_TORCH if setup.resave_kind.startswith("safetensors.torch") else _RESAVE_NUMPY
     resave_args = json.dumps({"src": str(main.path), "dst": str(out), "metadata": str(metadata_file)})
 
