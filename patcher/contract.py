@@ -16,7 +16,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 from . import models
 from .facts import MODEL_CLASS, Fact, Family, Finding, Inference, Severity
-from .inspect import T5_LOADER_GROUP_SIZE
+from .inspect import REQUIRED_UNQUANTIZED, T5_LOADER_GROUP_SIZE
 from .metadata import (
     COMFY_FLUX_CLASSES,
     DEFAULT_LOADER_RANK,
@@ -29,6 +29,8 @@ from .metadata import (
 
 #: Scope of a finding that concerns the file as a whole (every loader).
 FILE_SCOPE: Final = "file"
+#: Flux's guidance embedder: an unquantized layer the file needs when the config has ``guidance_embeds``.
+GUIDANCE_EMBEDDER: Final = "time_text_embed.guidance_embedder"
 
 #: The diffusers / transformers class a config must name for each family.
 CONFIG_CLASS: Final[Mapping[Family, str]] = {
@@ -128,6 +130,10 @@ class Check(NamedTuple):
     name: str
     passed: bool
     detail: str = ""
+    #: When the check did not pass: the worst severity it found (a warning or an error).
+    severity: Severity | None = None
+    #: Why the check did not run (its input is absent, e.g. "no quantization_config"); nothing was found wrong.
+    skipped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -361,11 +367,18 @@ class _Run:
         else:
             self.add(Severity.WARNING, code, f"{message} (no loader reads it, but it should be truthful)", None)
 
-    def check(self, name: str, detail: str = "") -> None:
-        """Close a check line: passed when no error or warning was added since the last one."""
+    def check(self, name: str, detail: str = "", *, skipped: str | None = None) -> None:
+        """Close a check line: passed when no error or warning was added since the last one.
+
+        ``skipped``: the check could not run, and why (its input is absent); a finding added meanwhile wins.
+        """
         new = self.findings[self._mark :]
         bad = [f for f in new if f.severity is not Severity.INFO]
-        self.checks.append(Check(name, not bad, bad[0].message if bad else detail))
+        if bad:
+            worst = next((f for f in bad if f.severity is Severity.ERROR), bad[0])
+            self.checks.append(Check(name, False, worst.message, worst.severity))
+        else:
+            self.checks.append(Check(name, True, detail, skipped=skipped))
         self._mark = len(self.findings)
 
     def select(self, predicate: Callable[[Loader], bool]) -> list[Loader]:
@@ -410,9 +423,12 @@ def validate_metadata(metadata: Mapping[str, str] | None, inference: Inference) 
         )
     run.check("model family", f"{family} ({family_source})" if family else "unknown")
     _check_tensors(run, inference)
+    _check_unquantized(run, metadata, inference, family)
 
     if metadata is None:
         _no_metadata(run)
+        for name in _READS:
+            run.check(name, skipped="no __metadata__")
         return _report(run, family)
     run.check("metadata present", f"{len(metadata)} entries")
     run.checks.append(Check("fields found", True, ", ".join(metadata) or "none"))
@@ -424,6 +440,16 @@ def validate_metadata(metadata: Mapping[str, str] | None, inference: Inference) 
     if family is Family.FLUX:
         _check_comfy_config(run, metadata, inference)
     return _report(run, family)
+
+
+#: The checks of what the loaders read, reported as skipped when there is no metadata to read them from.
+_READS = (
+    "config is valid JSON",
+    "config matches the tensors",
+    "quantization_config is valid JSON",
+    "weight.dtype matches the tensors",
+    "rank matches the tensors",
+)
 
 
 def _check_tensors(run: _Run, inference: Inference) -> None:
@@ -454,6 +480,48 @@ def _check_tensors(run: _Run, inference: Inference) -> None:
         if fact is not None
     ]
     run.check("tensor table is consistent", ", ".join(facts))
+
+
+def missing_unquantized_message(inference: Inference, config: Mapping[str, Any] | None) -> str | None:
+    """Return why a file lacking its family's unquantized layers cannot load (``None``: nothing is missing).
+
+    The layers come from :attr:`Inference.missing_unquantized`, plus Flux's guidance embedder when ``config``
+    has ``guidance_embeds`` and the tensors cannot show it.
+    """
+    if not inference.missing_unquantized:
+        return None
+    family = inference.family.value if inference.family is not None else None
+    missing = list(inference.missing_unquantized)
+    if (
+        family is Family.FLUX
+        and inference.guidance_embeds is None
+        and config is not None
+        and config.get("guidance_embeds") is True
+    ):
+        missing.append(GUIDANCE_EMBEDDER)
+    kind = "holds only the quantized blocks" if not inference.has_unquantized else "is incomplete"
+    symptom = (
+        "Nunchaku's Flux V2 class fails with AssertionError, the V1 class loads it with those weights silently "
+        "uninitialised"
+        if family is Family.FLUX
+        else "no loader can build the model without them"
+    )
+    return f"{kind}: the unquantized layers {', '.join(missing)} are missing ({symptom})"
+
+
+def _check_unquantized(
+    run: _Run, metadata: Mapping[str, str] | None, inference: Inference, family: Family | None
+) -> None:
+    """A file without the family's unquantized layers (a deepcompressor half) fails every loader."""
+    config, _ = _parse_json((metadata or {}).get("config", "null"))
+    message = missing_unquantized_message(inference, config if isinstance(config, dict) else None)
+    if message is not None:
+        run.add(Severity.ERROR, "missing-unquantized", f"the file {message}", None)
+        run.check("unquantized layers present")
+    elif family is None or family in REQUIRED_UNQUANTIZED:
+        run.check("unquantized layers present", skipped=None if family else "the model family is unknown")
+    else:
+        run.check("unquantized layers present", skipped=f"the layers a {family} file needs are not listed")
 
 
 def _no_metadata(run: _Run) -> None:
@@ -537,6 +605,8 @@ def _required_fields(run: _Run, metadata: Mapping[str, str]) -> None:
 
 def _check_config(run: _Run, metadata: Mapping[str, str], inference: Inference) -> None:
     if "config" not in metadata:
+        run.check("config is valid JSON", skipped="no config")
+        run.check("config matches the tensors", skipped="no config")
         return
     readers = run.select(lambda loader: loader.reads_config)
     config, error = _parse_json(metadata["config"])
@@ -580,7 +650,7 @@ def _check_quantization_config(
                 readers,
             )
             qc = None
-    run.check("quantization_config is valid JSON", "absent" if text is None else "")
+    run.check("quantization_config is valid JSON", skipped="no quantization_config" if text is None else None)
     if text is None and not readers:
         return
     if qc is not None or text is None:
@@ -623,7 +693,8 @@ def _check_weight(run: _Run, qc: Mapping[str, Any], inference: Inference, *, pre
         )
     run.check(
         "weight.dtype matches the tensors",
-        f"{dtype} ({tensor_precision or 'tensors do not tell'})" if present else "absent",
+        f"{dtype} ({tensor_precision or 'tensors do not tell'})" if present else "",
+        skipped=None if present else "no quantization_config",
     )
 
     if present and isinstance(weight, dict):
@@ -742,6 +813,7 @@ def _check_comfy_config(run: _Run, metadata: Mapping[str, str], inference: Infer
     readers = run.select(lambda loader: loader.reads_comfy_config)
     text = metadata.get("comfy_config")
     if text is None:
+        run.check("comfy_config is valid JSON", skipped="no comfy_config")
         return
     comfy, error = _parse_json(text)
     if error is not None:

@@ -9,6 +9,11 @@ from typing import Any, Generic, Literal, TypeVar
 
 T = TypeVar("T")
 
+#: The two files deepcompressor's nunchaku backend writes (``backend/nunchaku/convert.py``), blocks first: the
+#: quantized blocks, and every layer left in 16 bits (embedders, ``norm_out``, ``proj_out``).
+BLOCKS_FILE = "transformer_blocks.safetensors"
+UNQUANTIZED_FILE = "unquantized_layers.safetensors"
+
 #: The two SVDQuant weight formats: int4 (W4A4, group 64) and nvfp4 (fp4_e2m1_all, F8_E4M3 scales, group 16).
 Precision = Literal["int4", "nvfp4"]
 PRECISIONS: tuple[Precision, ...] = ("int4", "nvfp4")
@@ -151,6 +156,9 @@ class Inference:
     unet_layout: Fact[tuple[tuple[str, int, int], ...]] | None = None
     #: Whether the unquantized layers (embedders, ``proj_out``) are in the file.
     has_unquantized: bool = False
+    #: The family's unquantized layers the loaders need that the file lacks (``x_embedder``, ``proj_out``...):
+    #: all of them in a deepcompressor ``transformer_blocks.safetensors``. Empty when complete or not known.
+    missing_unquantized: tuple[str, ...] = ()
     #: Whether any layer a Nunchaku loader quantizes is present: SVDQuant W4A4 (``qweight`` I8 with a low-rank
     #: branch), or the T5 encoder's AWQ W4A16 (``qweight`` I16).
     quantized: bool = False

@@ -519,6 +519,47 @@ _UNQUANTIZED_MARKERS: Mapping[Family, tuple[str, ...]] = {
 }
 
 
+#: The unquantized layers each family's loaders need from the file (a tensor ``NAME`` or ``NAME.*``): without
+#: them Flux's V2 class fails (AssertionError converting the missing keys) and V1 leaves them uninitialised
+#: (nunchaku-contract.md section 8). Flux's ``time_text_embed.guidance_embedder`` is needed too when the config
+#: has ``guidance_embeds`` (checked against the config, see ``contract``).
+REQUIRED_UNQUANTIZED: Mapping[Family, tuple[str, ...]] = {
+    Family.FLUX: (
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed.timestep_embedder",
+        "time_text_embed.text_embedder",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    Family.QWEN_IMAGE: (
+        "img_in",
+        "txt_norm",
+        "txt_in",
+        "time_text_embed.timestep_embedder",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    Family.Z_IMAGE: ("all_x_embedder", "all_final_layer", "t_embedder", "cap_embedder", "x_pad_token", "cap_pad_token"),
+    Family.SANA: ("patch_embed.proj", "time_embed", "caption_projection", "scale_shift_table", "proj_out"),
+}
+
+
+def _holds(tensors: Mapping[str, TensorInfo], module: str) -> bool:
+    """Return whether the table has the tensor ``module`` or any tensor below it (``module.*``)."""
+    if module in tensors or f"{module}.weight" in tensors:  # the common case, without a scan
+        return True
+    below = module + "."
+    return any(name.startswith(below) for name in tensors)
+
+
+def missing_unquantized(family: Family | None, tensors: Mapping[str, TensorInfo]) -> tuple[str, ...]:
+    """Return the family's required unquantized layers (:data:`REQUIRED_UNQUANTIZED`) absent from ``tensors``."""
+    if family is None:
+        return ()
+    return tuple(module for module in REQUIRED_UNQUANTIZED.get(family, ()) if not _holds(tensors, module))
+
+
 def _has_unquantized(family: Family | None, tensors: Mapping[str, TensorInfo]) -> bool:
     if family is None:
         return False
@@ -606,6 +647,7 @@ def infer_tensors(tensors: Mapping[str, TensorInfo]) -> Inference:
         skip_refiners=skip_refiners,
         unet_layout=unet_layout,
         has_unquantized=_has_unquantized(family.value if family else None, tensors),
+        missing_unquantized=missing_unquantized(family.value if family else None, tensors),
         quantized=bool(w4a4) or t5_awq,
         contradictions=problems.lines(),
     )
@@ -696,9 +738,17 @@ def describe(inference: Inference) -> list[str]:
     )
     lines += [_line(label, fact) for label, fact in optional if fact is not None]
     if inference.family is not None:
-        lines.append(
-            "unquantized layers: "
-            + ("present" if inference.has_unquantized else "absent (a blocks-only file: the variant cannot be told)")
-        )
+        missing = inference.missing_unquantized
+        if not missing:
+            state = (
+                "present" if inference.has_unquantized else "absent (a blocks-only file: the variant cannot be told)"
+            )
+        else:
+            why = "no loader can use it alone" + (
+                "" if inference.has_unquantized else ", and the variant cannot be told"
+            )
+            kind = "an incomplete file" if inference.has_unquantized else "a blocks-only file"
+            state = f"missing {', '.join(missing)} ({kind}: {why})"
+        lines.append(f"unquantized layers: {state}")
     lines += [f"contradiction: {text}" for text in inference.contradictions]
     return lines

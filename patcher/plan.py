@@ -7,6 +7,8 @@ writer. Everything here is pure except the config resolution, which ``patcher.re
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 from . import contract, metadata, resolve
 from .errors import ConfigError, InferenceError, PatchError, UsageError
-from .facts import Fact, Family, Finding, Inference, Precision, Severity
+from .facts import BLOCKS_FILE, UNQUANTIZED_FILE, Fact, Family, Finding, Inference, Precision, Severity
 from .header import Header, metadata_equal
 from .inspect import infer
 
@@ -46,12 +48,39 @@ class PatchOptions:
     force: bool = False
 
 
-@dataclass(frozen=True)
-class PatchPlan:
-    """Everything decided for one file before anything is written."""
+@dataclass(frozen=True, kw_only=True)
+class MetadataPlan:
+    """What one file's ``__metadata__`` becomes, decided before anything is written.
+
+    The one value every metadata write hands to the writer (a patch, ``set``, ``unset``): the command line
+    prints it (dry run, ``--check``) or writes it with :func:`patcher.splice.write_metadata`, so every kind of
+    edit gets the same strategies, journal, locks, refusals, backup and ``-o``.
+    """
 
     path: str
     header: Header
+    #: The metadata to write; ``None`` removes the ``__metadata__`` key.
+    new_metadata: dict[str, str] | None
+    changes: list[metadata.MetadataChange]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Return whether writing would change the file's metadata (the presence of the key included)."""
+        same_presence = self.header.has_metadata_key == (self.new_metadata is not None)
+        return not (same_presence and metadata_equal(self.header.metadata, self.new_metadata))
+
+    def diff(self) -> list[str]:
+        """Return the unified diff of the metadata, JSON values pretty-printed with their keys sorted."""
+        lines: list[str] = metadata.diff_metadata(self.header.metadata, self.new_metadata)
+        return lines
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatchPlan(MetadataPlan):
+    """Everything decided for one file before a patch: the metadata and what it was derived from."""
+
+    new_metadata: dict[str, str]
     inference: Inference
     family: Family
     precision: Precision
@@ -59,19 +88,6 @@ class PatchPlan:
     rank: int | None
     config_source: str
     model_name: str | None
-    new_metadata: dict[str, str]
-    changes: list[metadata.MetadataChange]
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        """Return whether writing would change the file's metadata."""
-        return not (self.header.has_metadata_key and metadata_equal(self.header.metadata, self.new_metadata))
-
-    def diff(self) -> list[str]:
-        """Return the unified diff of the metadata, JSON values pretty-printed."""
-        lines: list[str] = metadata.diff_metadata(self.header.metadata, self.new_metadata)
-        return lines
 
 
 class Planner:
@@ -130,6 +146,10 @@ class Planner:
                 got=f"{len(header.tensors):,} tensor(s) of another kind",
                 hint="nunchaku-patch only adds metadata to Nunchaku SVDQuant files; check that this is the right file",
             )
+        half = contract.missing_unquantized_message(inference, None)
+        if half is not None and not opts.force:
+            # Metadata cannot make half a conversion loadable (nunchaku-contract.md section 8).
+            raise InferenceError(half, path=path, code="blocks-only", hint=half_file_fix(path, force_note=True))
         kept = self._kept(path, header, inference)
         if kept is not None:
             return kept
@@ -137,6 +157,9 @@ class Planner:
         config = resolved.config
         family = _family(inference, resolved, path)
         findings = list(contract.check_config_against_header(config, inference))
+        half = contract.missing_unquantized_message(inference, config)
+        if half is not None:  # only reached with --force
+            findings.insert(0, Finding(Severity.ERROR, "missing-unquantized", half))
         errors = [f for f in findings if f.severity is Severity.ERROR]
         if errors and not opts.force:
             more = f" (and {len(errors) - 1} more mismatch{'es' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
@@ -287,6 +310,18 @@ class Planner:
         return resolved
 
 
+def half_file_fix(path: str, *, force_note: bool = False) -> str:
+    """Return what to do with a file lacking its unquantized layers: merge it with its sibling when it has one."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isfile(os.path.join(folder, UNQUANTIZED_FILE)) and os.path.basename(path) != UNQUANTIZED_FILE:
+        return f"merge it with the {UNQUANTIZED_FILE} beside it: nunchaku-patch merge {shlex.quote(folder)}"
+    return (
+        f"use the whole conversion: deepcompressor writes these layers to {UNQUANTIZED_FILE} beside {BLOCKS_FILE}; "
+        "`nunchaku-patch merge DIR` makes one loadable file of the two"
+        + (" (--force writes metadata to this half anyway)" if force_note else "")
+    )
+
+
 def _as_usage(exc: PatchError) -> UsageError:
     """Return ``exc`` as a usage error (same message, code and hint): the options themselves are wrong."""
     return UsageError(exc.message, path=exc.path, code=exc.code, expected=exc.expected, got=exc.got, hint=exc.hint)
@@ -344,4 +379,4 @@ def _read_text(path: str, *, what: str) -> str:
         raise ConfigError(f"cannot read {what}: {exc}", path=path) from None
 
 
-__all__ = ["PatchOptions", "PatchPlan", "Planner", "inference_json"]
+__all__ = ["MetadataPlan", "PatchOptions", "PatchPlan", "Planner", "half_file_fix", "inference_json"]

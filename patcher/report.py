@@ -31,11 +31,18 @@ class Status(str, enum.Enum):
 
     PATCHED = "patched"
     WOULD_PATCH = "would patch"
+    #: A deepcompressor output folder merged into one file (``merge``, or a folder met by a batch).
+    MERGED = "merged"
+    WOULD_MERGE = "would merge"
     UNCHANGED = "already correct"
     VALID = "valid"
     INVALID = "needs work"
     RESTORED = "restored"
     INSPECTED = "inspected"
+    #: Left alone on purpose: a file a folder walk met that is no SVDQuant conversion, a folder with --no-merge.
+    SKIPPED = "skipped"
+    #: ``restore`` found nothing to put back.
+    NOTHING = "nothing to restore"
     FAILED = "failed"
 
     def __str__(self) -> str:
@@ -45,14 +52,20 @@ class Status(str, enum.Enum):
 #: The order statuses appear in the summary line.
 _SUMMARY_ORDER = (
     Status.PATCHED,
+    Status.MERGED,
     Status.WOULD_PATCH,
+    Status.WOULD_MERGE,
     Status.RESTORED,
     Status.UNCHANGED,
     Status.VALID,
     Status.INVALID,
     Status.INSPECTED,
+    Status.SKIPPED,
+    Status.NOTHING,
     Status.FAILED,
 )
+#: The statuses that mean "this would change" (``--check`` exits 1 on them).
+WOULD_CHANGE = frozenset({Status.WOULD_PATCH, Status.WOULD_MERGE})
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
@@ -126,7 +139,7 @@ class Report:
         statuses = {r.status for r in self.records}
         if Status.FAILED in statuses:
             return ExitCode.FAILED
-        if Status.INVALID in statuses or (self.check and Status.WOULD_PATCH in statuses):
+        if Status.INVALID in statuses or (self.check and statuses & WOULD_CHANGE):
             return ExitCode.NEEDS_WORK
         return ExitCode.OK
 
@@ -137,4 +150,4 @@ class Report:
         return ", ".join(parts) if parts else "no files"
 
 
-__all__ = ["ExitCode", "Record", "Report", "Status", "error_json", "exit_code_for"]
+__all__ = ["WOULD_CHANGE", "ExitCode", "Record", "Report", "Status", "error_json", "exit_code_for"]

@@ -19,12 +19,15 @@ step supplied the config, so the caller can cross-check them against the tensors
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import models
 from .errors import ConfigError, PatchError
@@ -170,6 +173,31 @@ def hf_cache_dir() -> Path:
 def _offline() -> bool:
     # Read now, not huggingface_hub's import-time constant, so a change of environment is honoured.
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+#: Seconds to wait for the Hub to answer a connection before calling the network down.
+PROBE_TIMEOUT = 3.0
+
+
+def _endpoint() -> tuple[str, int]:
+    """Return the Hub's host and port (``HF_ENDPOINT``, default https://huggingface.co)."""
+    parsed = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
+
+
+def network_problem() -> str | None:
+    """Return why the Hub cannot be reached (one TCP connection, a few seconds at most), or ``None``.
+
+    huggingface_hub retries a failing download with back-off for a long time, and logs each retry: without a
+    network, one quick connection attempt first is the difference between a second and minutes.
+    """
+    host, port = _endpoint()
+    try:
+        socket.create_connection((host, port), PROBE_TIMEOUT).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"Cannot reach {host}:{port} ({reason})"
+    return None
 
 
 def parse_config_text(text: str, *, source: str | os.PathLike[str]) -> dict[str, Any]:
@@ -349,15 +377,27 @@ def _from_folder(folder: Path, label: KnownModel | None, log: _Log, family: Fami
     )
 
 
-def _from_hub(repo_id: str, files: Sequence[str], allow_download: bool, log: _Log) -> _Found | None:
-    """Return the config of ``repo_id`` from the local cache, or downloaded when allowed; ``None`` when neither."""
+def _from_hub(
+    repo_id: str, files: Sequence[str], allow_download: bool, log: _Log, failed: list[str] | None = None
+) -> _Found | None:
+    """Return the config of ``repo_id`` from the local cache, or downloaded when allowed; ``None`` when neither.
+
+    ``failed``: where to put the line saying why an allowed download did not happen (the caller adds what it
+    falls back to); without it the line is logged.
+    """
+    say = failed.append if failed is not None else log
     cache = hf_cache_dir()
     # Importing huggingface_hub costs ~0.2 s, more than the whole patch: skip it when the cache cannot hold the
     # repo at all (its folder, named by the library's own layout, is absent) and no download is allowed.
     # (Ids with "--" or ".." are left to the library, which rejects them with its own message.)
     folder = cache / ("models--" + repo_id.replace("/", "--"))
     plain_id = "--" not in repo_id and ".." not in repo_id
-    if plain_id and not allow_download and not folder.is_dir():
+    try:
+        present = folder.is_dir()
+    except OSError as exc:  # a cache we may not read is a cache without the model
+        log(f"warning: cannot read the Hugging Face cache {cache} ({exc.strerror or exc}); trying the next source")
+        return None
+    if plain_id and not allow_download and not present:
         log(f"{repo_id} has no {' or '.join(files)} in the local Hugging Face cache ({cache})")
         return None
     import huggingface_hub as hub
@@ -367,6 +407,9 @@ def _from_hub(repo_id: str, files: Sequence[str], allow_download: bool, log: _Lo
             hit = hub.try_to_load_from_cache(repo_id, relative, cache_dir=cache)
         except ValueError as exc:  # HFValidationError is a ValueError
             raise ConfigError(f"not a valid Hugging Face repo id: {repo_id!r} ({exc})") from exc
+        except OSError as exc:
+            log(f"warning: cannot read the Hugging Face cache {cache} ({exc.strerror or exc}); trying the next source")
+            return None
         if isinstance(hit, str):
             snapshot = Path(hit)
             for _ in Path(relative).parts:
@@ -379,13 +422,19 @@ def _from_hub(repo_id: str, files: Sequence[str], allow_download: bool, log: _Lo
     if not allow_download:
         return None
     if _offline():
-        log("HF_HUB_OFFLINE is set: not downloading")
+        say(f"HF_HUB_OFFLINE=1 is set: not downloading {repo_id}")
+        return None
+    problem = network_problem()
+    if problem is not None:
+        say(f"{problem}: not downloading {repo_id}")
         return None
     failures = []
+    # The library's own warnings (retries, symlink notes) would break our one-line output; errors still raise.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     for relative in files:
         log(f"Downloading {relative} from {repo_id}")
         try:
-            fetched = hub.hf_hub_download(repo_id, relative, cache_dir=cache)
+            fetched = hub.hf_hub_download(repo_id, relative, cache_dir=cache, etag_timeout=PROBE_TIMEOUT)
         # huggingface_hub raises many types across versions (HTTP, gated repo, entry not found, offline): all mean
         # "not available", and the message says which.
         except Exception as exc:
@@ -394,13 +443,17 @@ def _from_hub(repo_id: str, files: Sequence[str], allow_download: bool, log: _Lo
         text, config = read_config_file(fetched)
         log(f"Loaded config from {fetched}")
         return _Found(text, config, f"Hugging Face Hub download: {repo_id} ({relative})", None)
-    log(f"Download from {repo_id} failed ({'; '.join(failures)})")
+    say(f"Download from {repo_id} failed ({'; '.join(failures)})")
     return None
 
 
 def _from_known(model: KnownModel, allow_download: bool, log: _Log) -> _Found:
     """Return ``model``'s config: the Hugging Face cache (or Hub when allowed), else the embedded copy."""
-    found = _from_hub(model.repo_id, (model.repo_file,), allow_download, log)
+    failed: list[str] = []
+    found = _from_hub(model.repo_id, (model.repo_file,), allow_download, log, failed)
+    if failed:
+        fallback = model.name if model.embedded_config is not None else model.stand_in
+        log(f"{failed[0]}; using the embedded config of {fallback}")
     if found is not None:
         differences = models.config_differences(found.config, model) if model.embedded_config else []
         if differences:
@@ -418,7 +471,11 @@ def _from_known(model: KnownModel, allow_download: bool, log: _Log) -> _Found:
         f"No verified config of {model.name} is known; using {stand_in.name}'s embedded config as a stand-in "
         f"(same architecture: in_channels {model.in_channels}, guidance_embeds "
         f"{str(model.guidance_embeds).lower()}, {model.num_layers}/{model.num_single_layers} blocks). "
-        f"Pass --config FILE, or --allow-download for {model.repo_id}'s own"
+        + (
+            f"Pass --config FILE, or --allow-download for {model.repo_id}'s own"
+            if not allow_download
+            else "Pass --config FILE for its own" + (" (HF_HUB_OFFLINE=1 forbids downloading)" if _offline() else "")
+        )
     )
     return _Found(
         models.embedded_config_text(stand_in),
@@ -448,7 +505,12 @@ def _from_name(name: str, allow_download: bool, log: _Log, *, what: str, family:
             raise ConfigError(
                 f"no config for {name} found (no {' or '.join(files)} in the local Hugging Face "
                 f"cache {hf_cache_dir()}" + (")" if allow_download else ", and downloading was not allowed)"),
-                hint="Pass --allow-download, --model-path DIR or --config FILE",
+                hint=(
+                    "Pass --allow-download, --model-path DIR or --config FILE"
+                    if not allow_download
+                    else "Pass --model-path DIR or --config FILE"
+                    + ("; HF_HUB_OFFLINE=1 forbids downloading (unset it to download)" if _offline() else "")
+                ),
             )
         return found
     models.lookup(name)  # raises with close matches

@@ -530,7 +530,7 @@ class Method:
                 entry["inner"] = last["seconds"]
             if "strategy" in last:
                 entry["strategy"] = last["strategy"]
-            if last.get("status") not in (None, "patched"):
+            if last.get("status") not in (None, "patched", "merged"):
                 raise BenchError(f"{self.label}: the CLI reported {last.get('status')}: {last.get('error')}")
         if self.strategy is not None and entry.get("strategy") != self.strategy:
             raise BenchError(f"{self.label}: expected the {self.strategy} path, got {entry.get('strategy')}")

@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,3 +82,21 @@ def shm_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A running stand-in Hub (tests/hubserver.py) on 127.0.0.1; no token is sent unless a test passes one."""
+    from hubserver import FakeHub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with FakeHub(lifetime=300) as server:
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server: Any) -> Any:
+    """A :class:`patcher.hub.Hub` client of the stand-in Hub, without a token."""
+    from patcher.hub import Hub
+
+    return Hub(endpoint=hub_server.url, token=False)

@@ -307,7 +307,9 @@ def test_quiet_prints_nothing_but_errors(make_file: MakeFile, dev_config: str, t
     assert run(os.fspath(path), "--config", dev_config, "-q").stderr == ""
     missing = tmp_path / "missing.safetensors"
     result = run(os.fspath(missing), "--config", dev_config, "-q")
-    assert result.stderr.splitlines() == [f"error: {missing}: no such file or directory. check the path"]
+    assert result.stderr.splitlines() == [
+        f"error: {missing}: no such file or directory. check the path; nothing was changed"
+    ]
 
 
 def test_verbose_shows_the_evidence(make_file: MakeFile, dev_config: str) -> None:
@@ -357,11 +359,16 @@ def test_restore_of_a_folder_restores_every_backup_below_it(
     assert [r["path"] for r in json_records(result)] == [os.fspath(second), os.fspath(first)]
     assert all(header_json(p) == original for p, original in originals.items())
     assert read_header(untouched).metadata is None
+    # Nothing left to restore is not a failure.
     empty = run("restore", os.fspath(tree))
-    assert empty.exit_code == ExitCode.FAILED
-    assert errors(empty) == [
-        f"error: {tree}: no backup or interrupted patch below this folder. backups are made by patching with --backup"
+    assert empty.exit_code == ExitCode.OK
+    assert errors(empty) == []
+    assert empty.stderr.splitlines() == [
+        f"nothing to restore in {tree}: no backup or interrupted patch below it",
+        "1 nothing to restore",
     ]
+    (record,) = json_records(run("restore", os.fspath(tree), "--json"))
+    assert record["status"] == "nothing to restore"
 
 
 def test_output_writes_a_patched_copy_and_leaves_the_source(
@@ -384,19 +391,25 @@ def test_output_writes_a_patched_copy_and_leaves_the_source(
 # Refusals: one exact line each, the file untouched
 
 
-def test_missing_file_and_empty_folder(tmp_path: Path) -> None:
+def test_missing_file_and_empty_folder(make_file: MakeFile, tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.md").write_text("no models here")
-    result = run(os.fspath(missing), os.fspath(empty), "--model", "flux.1-dev")
+    # A path that does not exist is a usage error, found before anything is written.
+    present = make_file()
+    before = snapshot(present)
+    result = run(os.fspath(present), os.fspath(missing), os.fspath(empty), "--model", "flux.1-dev")
+    assert result.exit_code == ExitCode.USAGE
+    assert errors(result) == [f"error: {missing}: no such file or directory. check the path; nothing was changed"]
+    assert snapshot(present) == before
+    result = run(os.fspath(empty), "--model", "flux.1-dev")
     assert result.exit_code == ExitCode.FAILED
     assert errors(result) == [
-        f"error: {missing}: no such file or directory. check the path",
         f"error: {empty}: no .safetensors files in this folder or below it. "
         "pass a .safetensors file, or a folder that holds some",
     ]
-    assert result.stderr.splitlines()[-1] == "2 failed"
+    assert result.stderr.splitlines()[-1] == "1 failed"
 
 
 def test_invalid_header_fixture_is_one_line_without_traceback(tmp_path: Path) -> None:
@@ -421,18 +434,60 @@ def test_every_invalid_fixture_fails_with_one_error_line(name: str) -> None:
     assert result.stdout == ""
 
 
-def test_blocks_only_file_without_model_is_refused(make_file: MakeFile) -> None:
-    path = make_file("transformer_blocks.safetensors", kind="blocks")
+FLUX_MISSING = (
+    "x_embedder, context_embedder, time_text_embed.timestep_embedder, time_text_embed.text_embedder, "
+    "norm_out.linear, proj_out"
+)
+
+
+def test_blocks_only_file_is_refused_even_with_a_model(make_file: MakeFile, dev_config: str) -> None:
+    path = make_file("old/transformer_blocks.safetensors", kind="blocks")
     before = snapshot(path)
-    result = run(os.fspath(path))
+    for extra in ([], ["--model", "flux.1-dev"], ["--config", dev_config], ["--dry-run"], ["--check"]):
+        result = run(os.fspath(path), *extra)
+        assert result.exit_code == ExitCode.FAILED, (extra, result.stderr)
+        assert errors(result) == [
+            f"error: {path}: holds only the quantized blocks: the unquantized layers {FLUX_MISSING} are missing "
+            "(Nunchaku's Flux V2 class fails with AssertionError, the V1 class loads it with those weights silently "
+            "uninitialised). use the whole conversion: deepcompressor writes these layers to "
+            "unquantized_layers.safetensors beside transformer_blocks.safetensors; `nunchaku-patch merge DIR` "
+            "makes one loadable file of the two (--force writes metadata to this half anyway)"
+        ], extra
+        assert snapshot(path) == before
+
+
+def test_blocks_only_file_with_its_sibling_points_at_merge(make_file: MakeFile, tmp_path: Path) -> None:
+    path = make_file("old/transformer_blocks.safetensors", kind="blocks")
+    (tmp_path / "old" / "unquantized_layers.safetensors").write_bytes(b"")
+    result = run(os.fspath(path), "--model", "flux.1-dev")
     assert result.exit_code == ExitCode.FAILED
-    assert errors(result) == [
-        f"error: {path}: cannot tell which model this is: the header fits flux.1-dev, flux.1-schnell, "
-        "flux.1-fill-dev, flux.1-canny-dev, flux.1-depth-dev, flux.1-kontext-dev, flux.1-krea-dev, shuttle-jaguar, "
-        "whose configs differ on guidance_embeds, in_channels; the header does not show in_channels or "
-        "guidance_embeds. Pass --model NAME (e.g. --model flux.1-dev) or --config FILE"
-    ]
-    assert snapshot(path) == before
+    (line,) = errors(result)
+    assert line.endswith(
+        f"merge it with the unquantized_layers.safetensors beside it: nunchaku-patch merge {tmp_path / 'old'}"
+    )
+
+
+def test_force_writes_a_blocks_only_file_with_a_warning(make_file: MakeFile) -> None:
+    path = make_file("old/transformer_blocks.safetensors", kind="blocks")
+    result = run(os.fspath(path), "--model", "flux.1-dev", "--force")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any(
+        "holds only the quantized blocks" in w
+        and "time_text_embed.guidance_embedder" in w
+        and "V2" in w
+        and w.endswith("(overridden by --force)")
+        for w in warnings
+    ), warnings
+    metadata, _ = oracle_read(path)
+    assert metadata is not None and "config" in metadata
+    # And validate never calls it ok, for any loader.
+    checked = run("validate", "--json", os.fspath(path))
+    assert checked.exit_code == ExitCode.NEEDS_WORK
+    (record,) = json_records(checked)
+    assert record["status"] == "needs work"
+    assert not any(verdict["ok"] for verdict in record["verdicts"].values())
+    assert any(f["code"] == "missing-unquantized" for f in record["findings"])
 
 
 def test_schnell_config_on_dev_weights_is_refused_unless_forced(make_file: MakeFile, schnell_config: str) -> None:
@@ -578,6 +633,32 @@ def test_a_file_that_is_already_correct_is_not_refused_for_being_read_only(
             ["a.safetensors", "--comfy-config", "nowhere.json"],
             "error: nowhere.json: comfy_config file not found. check the path",
         ),
+        # A mistyped command is never taken as a file while the other arguments get patched.
+        (
+            ["valdiate", "a.safetensors"],
+            "error: no such command 'valdiate' (did you mean validate?). see 'nunchaku-patch --help'",
+        ),
+        (
+            ["inpsect", "a.safetensors"],
+            "error: no such command 'inpsect' (did you mean inspect?). see 'nunchaku-patch --help'",
+        ),
+        (["pach", "a.safetensors"], "error: no such command 'pach' (did you mean patch?). see 'nunchaku-patch --help'"),
+        (
+            ["a.safetensors", "gone.safetensors"],
+            "error: gone.safetensors: no such file or directory. check the path; nothing was changed",
+        ),
+        (
+            ["validate", "a.safetensors", "gone"],
+            "error: gone: no such file or directory. check the path; nothing was changed",
+        ),
+        (["restore", "gone"], "error: gone: no such file or directory. check the path; nothing was changed"),
+        (["merge", "gone"], "error: gone: no such file or directory. check the path; nothing was changed"),
+        # Each YAML takes its own --config-yaml: a second one given bare is not a file to patch.
+        (
+            ["a.safetensors", "--config-yaml", "model.yaml", "svdquant.yaml"],
+            "error: svdquant.yaml: is a YAML file where a .safetensors file or folder is expected. give each "
+            "deepcompressor YAML its own --config-yaml: --config-yaml model.yaml --config-yaml svdquant.yaml",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(make_file: MakeFile, args: list[str], line: str) -> None:
@@ -614,7 +695,12 @@ def test_validate_exit_codes_and_verbose_checks(make_file: MakeFile, dev_config:
     assert validate.exit_code == ExitCode.NEEDS_WORK
     assert validate.stdout.splitlines()[0] == f"{path}: needs work"
     assert "fails to load in: nunchaku, nunchaku-v2, comfyui-nunchaku" in validate.stdout
-    assert before.stderr.splitlines()[-1].startswith("fix with: nunchaku-patch FILE...")
+    assert validate.stdout.splitlines()[-1] == f"  fix: nunchaku-patch {path}"
+    assert before.stderr == ""
+    verbose = run("validate", "-v", os.fspath(path)).stdout.splitlines()
+    # Checks that could not run say so; they are not ticks.
+    assert "  - weight.dtype matches the tensors: skipped (no __metadata__)" in verbose
+    assert "  - config matches the tensors: skipped (no __metadata__)" in verbose
     run(os.fspath(path), "--config", dev_config)
     good = run("validate", "-v", os.fspath(path))
     assert good.exit_code == ExitCode.OK
@@ -671,7 +757,7 @@ def test_inspect_shows_counts_dtypes_layout_evidence_and_pretty_metadata(make_fi
 def test_inspect_of_an_old_conversion_says_it_has_no_metadata(make_file: MakeFile) -> None:
     path = make_file()
     result = run("inspect", os.fspath(path))
-    assert result.stdout.splitlines()[-1] == "metadata: none (no __metadata__)"
+    assert result.stdout.splitlines()[-2] == "metadata: none (no __metadata__)"
 
 
 def test_inspect_of_a_folder_is_refused_with_a_hint(tmp_path: Path) -> None:
@@ -736,15 +822,16 @@ def test_report_owns_the_exit_code() -> None:
 
 
 def test_already_patched_files_are_left_alone_without_options(
-    make_file: MakeFile, dev_config: str, tmp_path: Path
+    make_file: MakeFile, dev_config: str, schnell_config: str, tmp_path: Path
 ) -> None:
     """A fine-tune patched with its own config must not get a re-derived one when a batch runs without options."""
     tree = tmp_path / "mixed"
-    blocks = make_file("patched/transformer_blocks.safetensors", kind="blocks", folder=tree)
+    other = make_file("patched/other.safetensors", kind="schnell", folder=tree)
     full = make_file("patched/full.safetensors", folder=tree)
-    assert run(os.fspath(blocks), os.fspath(full), "--config", dev_config, "-q").exit_code == 0
-    before = {p: snapshot(p) for p in (blocks, full)}
-    result = run(os.fspath(tree))  # no --model: the blocks-only file could not be told apart on its own
+    assert run(os.fspath(full), "--config", dev_config, "-q").exit_code == 0
+    assert run(os.fspath(other), "--config", schnell_config, "-q").exit_code == 0
+    before = {p: snapshot(p) for p in (other, full)}
+    result = run(os.fspath(tree))  # no --model: each file's own config is kept, none re-derived
     assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stderr.splitlines()[-1] == "2 already correct"
     assert {p: snapshot(p) for p in before} == before
@@ -808,3 +895,105 @@ def test_json_dry_run_carries_the_diff(make_file: MakeFile, dev_config: str) -> 
     assert record["status"] == "would patch"
     assert record["diff"] == plain.stdout.splitlines()[1:-1]  # the text output adds the two "# " lines
     assert record["header"]["old_len"] == read_header(path).header_len
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11: what a newcomer tripped on
+
+
+def test_config_yaml_is_repeatable_and_its_rank_is_checked(
+    make_file: MakeFile, dev_config: str, tmp_path: Path
+) -> None:
+    path = make_file()
+    before = snapshot(path)
+    model_dir = tmp_path / "flux-dev-diffusers"
+    model_dir.mkdir()
+    shutil.copyfile(dev_config, model_dir / "config.json")
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(f"pipeline:\n  name: flux.1-dev\n  path: {model_dir}\n")
+    wrong = tmp_path / "svdquant-r128.yaml"
+    wrong.write_text("quant:\n  wgts:\n    dtype: sint4\n    low_rank:\n      rank: 128\n")
+    result = run(os.fspath(path), "--config-yaml", os.fspath(model_yaml), "--config-yaml", os.fspath(wrong))
+    assert result.exit_code == ExitCode.FAILED, result.stderr
+    (line,) = errors(result)
+    assert "128" in line and "32" in line
+    assert snapshot(path) == before
+    right = tmp_path / "svdquant.yaml"
+    right.write_text("quant:\n  wgts:\n    dtype: sint4\n    low_rank:\n      rank: 32\n")
+    done = run(os.fspath(path), "--config-yaml", os.fspath(model_yaml), "--config-yaml", os.fspath(right))
+    assert done.exit_code == ExitCode.OK, done.stderr
+    assert "--config-yaml model.yaml --config-yaml svdquant.yaml" in run("patch", "--help").stdout
+
+
+def test_check_prints_only_what_would_change_and_the_summary(
+    make_file: MakeFile, dev_config: str, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    done = make_file("done.safetensors", folder=tree)
+    assert run(os.fspath(done), "--config", dev_config, "-q").exit_code == ExitCode.OK
+    todo = make_file("todo.safetensors", folder=tree)
+    result = run(os.fspath(tree), "--config", dev_config, "--check")
+    assert result.exit_code == ExitCode.NEEDS_WORK
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"would patch {todo} (insert)", "1 would patch, 1 already correct"] or (
+        result.stderr.splitlines()[1:] == ["1 would patch, 1 already correct"]
+        and result.stderr.splitlines()[0].startswith(f"would patch {todo} (")
+    )
+
+
+def test_progress_follows_the_terminal_not_the_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, text: str) -> None:
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = console.Console()
+    assert not out.color_err
+    out.progress(1, 2, "a.safetensors")
+    assert written == ["\r\x1b[K[1/2] a.safetensors"]
+
+
+def test_every_json_record_has_the_same_fields(make_file: MakeFile, dev_config: str, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    done = make_file("done.safetensors", folder=tree)
+    assert run(os.fspath(done), "--config", dev_config, "-q").exit_code == ExitCode.OK
+    make_file("todo.safetensors", folder=tree)
+    (tree / "broken.safetensors").write_bytes(b"\x01")
+    for args in (["--dry-run"], []):
+        records = json_records(run(os.fspath(tree), "--config", dev_config, "--json", *args))
+        assert {r["status"] for r in records} >= {"already correct", "failed"}
+        keys = {tuple(r) for r in records}
+        assert len(keys) == 1, keys
+        for record in records:
+            assert record["header"] is None or set(record["header"]) == {
+                "old_len",
+                "new_len",
+                "spare",
+                "data_offset",
+                "aligned",
+            }
+    validated = json_records(run("validate", "--json", os.fspath(tree)))
+    assert len({tuple(r) for r in validated}) == 1
+
+
+def test_inspect_names_the_known_models_and_whether_it_needs_patching(make_file: MakeFile, dev_config: str) -> None:
+    path = make_file()
+    lines = run("inspect", os.fspath(path)).stdout.splitlines()
+    assert "known models it matches: flux.1-dev, flux.1-kontext-dev, flux.1-krea-dev" in lines
+    assert (
+        "needs patching: yes (fails to load in: nunchaku, nunchaku-v2, comfyui-nunchaku); "
+        f"fix: nunchaku-patch {path}" in lines
+    )
+    run(os.fspath(path), "--config", dev_config, "-q")
+    record = json_records(run("inspect", "--json", os.fspath(path)))[0]
+    assert record["needs_patching"] is False and record["fix"] is None
+    assert "needs patching: no (every loader accepts it)" in run("inspect", os.fspath(path)).stdout.splitlines()

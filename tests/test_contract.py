@@ -492,7 +492,9 @@ def test_no_metadata_names_the_exact_failures() -> None:
     by_scope = {f.scope: f.message for f in report.by_code("no-metadata")}
     assert by_scope["nunchaku"].endswith("TypeError: 'NoneType' object is not subscriptable")
     assert by_scope["comfyui-nunchaku"].endswith("AttributeError: 'NoneType' object has no attribute 'get'")
-    assert report.checks[-1].name == "metadata present" and not report.checks[-1].passed
+    present = next(c for c in report.checks if c.name == "metadata present")
+    assert not present.passed and present.severity is Severity.ERROR
+    assert report.checks[-1].name == "rank matches the tensors" and report.checks[-1].skipped == "no __metadata__"
 
 
 def test_empty_comfy_config_message() -> None:
@@ -524,6 +526,7 @@ def test_checks_of_a_correct_flux_file() -> None:
     assert names == [
         "model family",
         "tensor table is consistent",
+        "unquantized layers present",
         "metadata present",
         "fields found",
         "required fields present",
@@ -540,7 +543,7 @@ def test_checks_of_a_correct_flux_file() -> None:
         "comfy_config matches the tensors",
     ]
     assert all(c.passed for c in report.checks)
-    assert report.checks[3].detail == "config, comfy_config, model_class, quantization_config"
+    assert report.checks[4].detail == "config, comfy_config, model_class, quantization_config"
 
 
 def test_failed_check_carries_the_reason() -> None:
@@ -680,6 +683,102 @@ def test_end_to_end_failures_match_the_validator(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Half files: the family's unquantized layers must be in the file
+
+FLUX_UNQUANTIZED = (
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed.timestep_embedder",
+    "time_text_embed.text_embedder",
+    "norm_out.linear",
+    "proj_out",
+)
+
+
+def blocks_only(inf: Inference, missing: tuple[str, ...] = FLUX_UNQUANTIZED) -> Inference:
+    """Return ``inf`` as a deepcompressor transformer_blocks.safetensors says it: no unquantized layer."""
+    return dataclasses.replace(
+        inf, in_channels=None, guidance_embeds=None, has_unquantized=False, missing_unquantized=missing
+    )
+
+
+def test_a_blocks_only_flux_file_fails_every_loader_naming_the_missing_layers() -> None:
+    report = validate_metadata(DEV, blocks_only(flux()))
+    (finding,) = report.by_code("missing-unquantized")
+    assert finding.severity is Severity.ERROR and finding.scope == FILE_SCOPE
+    # dev's config has guidance_embeds: its guidance embedder is needed too.
+    assert (
+        "the unquantized layers x_embedder, context_embedder, time_text_embed.timestep_embedder, "
+        "time_text_embed.text_embedder, norm_out.linear, proj_out, time_text_embed.guidance_embedder are missing"
+    ) in finding.message
+    assert "AssertionError" in finding.message and "uninitialised" in finding.message
+    assert not report.ok
+    assert {key: verdict.ok for key, verdict in report.verdicts.items()} == {
+        "nunchaku": False,
+        "nunchaku-v2": False,
+        "comfyui-nunchaku": False,
+    }
+    check = next(c for c in report.checks if c.name == "unquantized layers present")
+    assert not check.passed and check.severity is Severity.ERROR
+
+
+def test_a_blocks_only_schnell_file_does_not_need_a_guidance_embedder() -> None:
+    report = validate_metadata(entries("flux.1-schnell"), blocks_only(flux(guidance=False)))
+    (finding,) = report.by_code("missing-unquantized")
+    assert "guidance_embedder" not in finding.message
+
+
+def test_a_blocks_only_qwen_file_fails_comfyui_too() -> None:
+    missing = ("img_in", "txt_in", "proj_out")
+    report = validate_metadata(QWEN, dataclasses.replace(qwen(), missing_unquantized=missing))
+    (finding,) = report.by_code("missing-unquantized")
+    assert "img_in, txt_in, proj_out are missing" in finding.message
+    assert "AssertionError" not in finding.message  # that is Flux V2's symptom
+    assert not any(verdict.ok for verdict in report.verdicts.values())
+
+
+def test_a_real_blocks_only_table_is_never_ok() -> None:
+    from patcher import synth
+    from patcher.inspect import infer
+
+    for preset, family, name in (
+        ("flux.1-dev", Family.FLUX, "flux.1-dev"),
+        ("qwen-image", Family.QWEN_IMAGE, "qwen-image"),
+        ("z-image-turbo", Family.Z_IMAGE, "z-image-turbo"),
+        ("sana-1600m", Family.SANA, "sana-1600m-1024px"),
+    ):
+        single = {"num_single_layers": 1} if family is Family.FLUX else {}
+        spec = synth.preset(preset, scale=0.05, num_layers=2, include_unquantized=False, **single)
+        inf = infer(synth.synth_header(spec))
+        kwargs: dict[str, Any] = {"skip_refiners": inf.skip_refiners.value} if inf.skip_refiners else {}
+        report = validate_metadata(entries(name, family, **kwargs), inf)
+        assert report.by_code("missing-unquantized"), preset
+        assert not report.ok, preset
+
+
+# --------------------------------------------------------------------------------------------
+# Check lines: skipped checks and severities
+
+
+def test_a_check_without_its_input_is_skipped_not_passed() -> None:
+    report = validate_metadata(without(DEV, "quantization_config"), flux())
+    by_name = {c.name: c for c in report.checks}
+    for name in ("quantization_config is valid JSON", "weight.dtype matches the tensors"):
+        assert by_name[name].skipped == "no quantization_config", name
+    assert by_name["rank matches the tensors"].skipped is None  # the loaders' default rank is still checked
+    assert by_name["config is valid JSON"].skipped is None
+
+
+def test_a_check_says_whether_it_failed_with_a_warning_or_an_error() -> None:
+    report = validate_metadata(replaced(DEV, quantization_config=qc_without_rank()), flux())
+    check = next(c for c in report.checks if c.name == "rank matches the tensors")
+    assert not check.passed and check.severity is Severity.WARNING
+    wrong = validate_metadata(replaced(DEV, quantization_config=quantization_config_text("nvfp4", 32)), flux())
+    check = next(c for c in wrong.checks if c.name == "weight.dtype matches the tensors")
+    assert not check.passed and check.severity is Severity.ERROR
+    assert all(c.severity is None for c in validate_metadata(DEV, flux()).checks)
+
+
 # SDXL and the T5 encoder: exactly the entries their loaders read, and validate replaying those reads
 
 

@@ -29,6 +29,27 @@ HIDDEN = {
 }
 
 
+#: The unquantized layers a blocks-only file of each family lacks (the loaders need every one of them).
+BLOCKS_ONLY_MISSING = {
+    Family.FLUX: (
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed.timestep_embedder",
+        "time_text_embed.text_embedder",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    Family.QWEN_IMAGE: (
+        "img_in",
+        "txt_norm",
+        "txt_in",
+        "time_text_embed.timestep_embedder",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    Family.Z_IMAGE: ("all_x_embedder", "all_final_layer", "t_embedder", "cap_embedder", "x_pad_token", "cap_pad_token"),
+    Family.SANA: ("patch_embed.proj", "time_embed", "caption_projection", "scale_shift_table", "proj_out"),
+}
 #: SDXL's cross-attention blocks: (UNet block, attentions, transformer blocks per attention).
 SDXL_LAYOUT = (
     ("down_blocks.1", 2, 2),
@@ -65,6 +86,7 @@ def expected(spec: SynthSpec, hidden: int | None) -> dict[str, object]:
         "hidden_size": hidden,
         "skip_refiners": spec.skip_refiners if spec.family is Family.Z_IMAGE else None,
         "has_unquantized": full,
+        "missing_unquantized": () if full else BLOCKS_ONLY_MISSING.get(spec.family, ()),
         "contradictions": (),
     }
 
@@ -464,7 +486,11 @@ def test_describe_full_file() -> None:
 def test_describe_blocks_only() -> None:
     lines = describe(run(preset("flux.1-dev", include_unquantized=False, num_layers=2, num_single_layers=2)))
     assert not any(line.startswith(("in_channels", "guidance_embeds")) for line in lines)
-    assert lines[-1] == "unquantized layers: absent (a blocks-only file: the variant cannot be told)"
+    assert lines[-1] == (
+        "unquantized layers: missing x_embedder, context_embedder, time_text_embed.timestep_embedder, "
+        "time_text_embed.text_embedder, norm_out.linear, proj_out (a blocks-only file: no loader can use it "
+        "alone, and the variant cannot be told)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -354,6 +355,32 @@ def test_an_existing_output_is_kept_unless_forced(make_folder: MakeFolder, confi
     assert merge.write_merge(plan).status == "unchanged"  # already holds exactly this merge
 
 
+@pytest.mark.parametrize("kind", ["chardev", "fifo", "symlink"])
+def test_a_device_fifo_or_link_output_is_never_replaced_even_forced(
+    make_folder: MakeFolder, config_file: Path, kind: str
+) -> None:
+    """Issue 10: `merge --force` replaced a device node (as root, -o /dev/null became a regular file)."""
+    folder = make_folder()
+    plan = merge.plan_merge(folder, planner_for(config_file))
+    out = Path(plan.output)
+    if kind == "chardev":
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("mknod needs root")
+        os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    elif kind == "fifo":
+        os.mkfifo(out)
+    else:
+        target = out.parent / "elsewhere.safetensors"
+        target.write_bytes(b"someone else's file")
+        out.symlink_to(target)
+    before = out.lstat()
+    with pytest.raises(WriteError):
+        merge.write_merge(plan, force=True)
+    after = out.lstat()
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert leftovers(out.parent) == []
+
+
 def test_a_failed_copy_leaves_no_temp_and_no_output(
     make_folder: MakeFolder, config_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -489,7 +516,7 @@ def test_cli_merges_a_tree_of_two_folders_in_one_call(
     result = run_cli(os.fspath(tmp_path / "tree"), "--config", os.fspath(config_file), "--json")
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["status"] for r in records] == ["patched", "patched"]
+    assert [r["status"] for r in records] == ["merged", "merged"]
     assert [r["strategy"] for r in records] == ["merge", "merge"]
     outputs = [Path(r["output"]) for r in records]
     assert outputs == [
@@ -497,8 +524,8 @@ def test_cli_merges_a_tree_of_two_folders_in_one_call(
         second.parent / "svdq-int4_r32-my-finetune.safetensors",
     ]
     for record, out in zip(records, outputs, strict=True):
-        assert record["tensors"]["total"] == len(read_header(out).tensors)
-        assert record["metadata_keys"] == METADATA_KEYS
+        assert record["merge"]["tensors"]["total"] == len(read_header(out).tensors)
+        assert record["merge"]["metadata_keys"] == METADATA_KEYS
     # A second run finds both already merged: nothing to do, exit 0.
     again = run_cli(os.fspath(tmp_path / "tree"), "--config", os.fspath(config_file))
     assert again.exit_code == 0
@@ -520,9 +547,9 @@ def test_cli_exit_codes(make_folder: MakeFolder, config_file: Path, tmp_path: Pa
         f"{merge.UNQUANTIZED_FILE} (expected both files deepcompressor's converter writes). copy the missing file "
         "from the conversion's output (or patch a merged file with `nunchaku-patch`)"
     ]
-    assert "1 patched, 1 failed" in result.stderr
+    assert "1 merged, 1 failed" in result.stderr
 
-    assert run_cli(os.fspath(tmp_path / "nowhere"), *cfg).exit_code == 3
+    assert run_cli(os.fspath(tmp_path / "nowhere"), *cfg).exit_code == 2  # a path that does not exist
     # -o naming one file for two folders makes no sense: a usage error, nothing written.
     (broken / merge.BLOCKS_FILE).unlink()
     other = make_folder("other", parent=tmp_path / "tree")
@@ -559,3 +586,23 @@ def test_cli_two_folders_with_the_same_output_name_are_not_silently_overwritten(
     assert result.exit_code == 3
     assert "output-clash" not in result.stderr and "is also where" in result.stderr
     assert [p.name for p in out_dir.iterdir()] == ["svdq-int4_r32-same.safetensors"]
+
+
+def test_cli_output_folder_with_a_trailing_slash_is_created(
+    make_folder: MakeFolder, config_file: Path, tmp_path: Path
+) -> None:
+    make_folder("one", parent=tmp_path / "tree")
+    make_folder("two", parent=tmp_path / "tree", seed=2)
+    out_dir = tmp_path / "merged"
+    args = [os.fspath(tmp_path / "tree"), "--config", os.fspath(config_file), "-o", os.fspath(out_dir) + "/"]
+    dry = run_cli(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert not out_dir.exists()  # a dry run creates nothing
+    assert f"would merge {tmp_path / 'tree' / 'one'} -> {out_dir / 'svdq-int4_r32-one.safetensors'}" in dry.stderr
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "svdq-int4_r32-one.safetensors",
+        "svdq-int4_r32-two.safetensors",
+    ]
+    assert result.stderr.splitlines()[-1] == "2 merged"

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from .. import __version__
 from ..report import ExitCode
@@ -27,6 +28,10 @@ COMMANDS: dict[str, str] = {
     "inspect": ".inspect",
     "restore": ".restore",
     "merge": ".merge",
+    "set": ".set",
+    "unset": ".unset",
+    "models": ".models",
+    "scan": ".scan",
 }
 
 #: What a first word that is no command means: the arguments of ``patch``.
@@ -47,10 +52,31 @@ class CommandGroup(click.Group):
             self.add_command(module.command, cmd_name)
         return self.commands.get(cmd_name)
 
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        items = super().shell_complete(ctx, incomplete)
+        if incomplete.startswith("-"):
+            return items
+        # `nunchaku-patch PATH...` patches: a file name is as likely as a command name here.
+        return [*items, CompletionItem(incomplete, type="file")]
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.list_commands(ctx) and args[0] not in ("-h", "--help", "--version"):
+            self._refuse_typo(args[0])
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_typo(self, word: str) -> None:
+        """Refuse a first word that is no path but looks like a mistyped command (``valdiate``).
+
+        Taken as a path, it would fail while the other arguments got patched in place.
+        """
+        if word.startswith("-") or os.path.lexists(word):
+            return
+        import difflib  # only for a first word that is neither a command nor a path
+
+        close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.6)
+        if close:
+            raise OneLineError(f"no such command '{word}' (did you mean {close[0]}?). see 'nunchaku-patch --help'")
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any

@@ -10,10 +10,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 from .. import splice
 from ..errors import HeaderError, LockedError, PatchError
+from ..facts import BLOCKS_FILE, UNQUANTIZED_FILE
 from ..header import Header, read_header
 from ..plan import PatchOptions, Planner
 from ..report import ExitCode, Record, Report, Status
@@ -30,7 +32,20 @@ DEFAULT_HINTS = {
     "permission": "check the file's permissions",
     "io": "try again; if it keeps failing, check the disk",
 }
+#: Paths starting with this name Hub files (handled by :mod:`patcher.cli.remote`, imported only then).
+REMOTE = "hf://"
 HEADER_HINT = "the file is not valid safetensors (safetensors itself would refuse it): re-download or re-convert it"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing a command works on: a file, or a deepcompressor output folder handled as one unit."""
+
+    path: str
+    #: A folder holding ``transformer_blocks.safetensors`` and ``unquantized_layers.safetensors``.
+    pair: bool = False
+    #: Found by walking a folder named on the command line (not named itself).
+    walked: bool = False
 
 
 def is_restorable(path: str) -> bool:
@@ -38,24 +53,42 @@ def is_restorable(path: str) -> bool:
     return os.path.lexists(splice.backup_path(path)) or os.path.lexists(splice.journal_path(path))
 
 
-def walk(folder: str, restorable: bool) -> list[str]:
-    """Return the *.safetensors files below ``folder``, sorted; hidden files and folders are skipped."""
-    found: list[str] = []
+def is_pair_folder(folder: str) -> bool:
+    """Return whether ``folder`` holds both files of a deepcompressor conversion."""
+    return all(os.path.isfile(os.path.join(folder, name)) for name in (BLOCKS_FILE, UNQUANTIZED_FILE))
+
+
+def walk(folder: str, restorable: bool, *, pairs: bool = False) -> list[Target]:
+    """Return the *.safetensors files below ``folder``, sorted; hidden files and folders are skipped.
+
+    ``pairs``: a folder holding deepcompressor's two files is one target, and its two files are not listed.
+    """
+    found: list[Target] = []
     # Symlinked folders are not entered: a loop, or a shared cache, would be walked twice.
     for root, dirs, names in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        pair = pairs and is_pair_folder(root)
+        if pair:
+            found.append(Target(root, pair=True, walked=root != folder))
         for name in names:
             if name.startswith(".") or not name.lower().endswith(SUFFIX):
                 continue
+            if pair and name in (BLOCKS_FILE, UNQUANTIZED_FILE):
+                continue
             path = os.path.join(root, name)
             if not restorable or is_restorable(path):
-                found.append(path)
-    return sorted(found)
+                found.append(Target(path, walked=True))
+    return sorted(found, key=lambda target: target.path)
 
 
-def collect(paths: Iterable[str], report: Report, console: Console, *, restorable: bool = False) -> list[str]:
-    """Return the files to process (folders expanded); record a failure for each path that gives none."""
-    files: list[str] = []
+def collect(
+    paths: Iterable[str], report: Report, console: Console, *, restorable: bool = False, pairs: bool = False
+) -> list[Target]:
+    """Return the targets to process (folders expanded); record a failure for each path that gives none.
+
+    ``pairs``: deepcompressor output folders are targets of their own (see :func:`walk`).
+    """
+    targets: list[Target] = []
     seen: set[str] = set()
 
     def fail(raw: str, error: PatchError) -> None:
@@ -63,18 +96,22 @@ def collect(paths: Iterable[str], report: Report, console: Console, *, restorabl
         console.record(report.add(Record(raw, Status.FAILED, error=error)))
 
     for raw in paths:
-        if os.path.isdir(raw):  # a symlink to a folder named on the command line is followed
-            found = walk(raw, restorable)
+        if raw.startswith(REMOTE):  # hf://OWNER/REPO[@REVISION][/PATH]: a Hub file, folder or repo
+            from .remote import expand
+
+            found = []
+            try:
+                if restorable:
+                    fail(raw, PatchError("a Hub file has no backup to restore", path=raw, code="remote"))
+                else:
+                    found = [Target(path, walked=path != raw) for path in expand(raw)]
+            except PatchError as exc:
+                fail(raw, exc)
+        elif os.path.isdir(raw):  # a symlink to a folder named on the command line is followed
+            found = walk(raw, restorable, pairs=pairs)
             if not found and restorable:
-                fail(
-                    raw,
-                    PatchError(
-                        "no backup or interrupted patch below this folder",
-                        path=raw,
-                        code="no-backup",
-                        hint="backups are made by patching with --backup",
-                    ),
-                )
+                console.status(f"nothing to restore in {raw}: no backup or interrupted patch below it")
+                console.record(report.add(Record(raw, Status.NOTHING)))
             elif not found:
                 fail(
                     raw,
@@ -102,13 +139,13 @@ def collect(paths: Iterable[str], report: Report, console: Console, *, restorabl
             found = []
             fail(raw, PatchError("no such file or directory", path=raw, code="not-found", hint="check the path"))
         else:
-            found = [raw]
-        for path in found:
-            key = os.path.normpath(path)
+            found = [Target(raw)]
+        for target in found:
+            key = os.path.normpath(target.path)
             if key not in seen:
                 seen.add(key)
-                files.append(path)
-    return files
+                targets.append(target)
+    return targets
 
 
 def with_hint(exc: PatchError) -> PatchError:
@@ -147,7 +184,35 @@ def run_one(console: Console, work: Callable[[], Record], path: str) -> Record:
 def summarize(console: Console, report: Report, paths: Sequence[str] = (), *, dry_run: bool = False) -> None:
     """Print the summary line when it adds something: several files, a folder given, or a dry run."""
     if len(report.records) > 1 or dry_run or any(os.path.isdir(p) for p in paths):
-        console.status(report.summary())
+        console.summary(report.summary())
+
+
+def output_key(path: str) -> str:
+    """Return how paths are compared as outputs: absolute, and case-folded where the filesystem folds case."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+#: How the help and errors show several deepcompressor YAMLs: one option each.
+YAML_FORM = "--config-yaml model.yaml --config-yaml svdquant.yaml"
+
+
+def require_paths(console: Console, paths: Iterable[str]) -> None:
+    """Exit with a usage error (2), before anything is read or written, when a named path is wrong.
+
+    A path that does not exist, or a YAML where a model file is expected (``--config-yaml a.yaml b.yaml``
+    would otherwise patch ``b.yaml``... and the files after it without the YAML's checks).
+    """
+    for raw in paths:
+        if raw.startswith(REMOTE):
+            continue  # a Hub path: checked when it is listed or read
+        if raw.lower().endswith((".yaml", ".yml")):
+            usage_error(
+                console,
+                f"{raw}: is a YAML file where a {SUFFIX} file or folder is expected. "
+                f"give each deepcompressor YAML its own --config-yaml: {YAML_FORM}",
+            )
+        if not os.path.lexists(raw):
+            usage_error(console, f"{raw}: no such file or directory. check the path; nothing was changed")
 
 
 def usage_error(console: Console, message: str) -> NoReturn:
@@ -176,6 +241,10 @@ def _held_by_a_writer(path: str) -> bool:
 
 def load_header(path: str) -> Header:
     """Read a header; wait out a patch in progress, and report a header torn by an interrupted one as that."""
+    if path.startswith(REMOTE):
+        from .remote import load_header as load_remote
+
+        return load_remote(path)
     deadline = time.monotonic() + LEASE_WAIT
     while True:
         try:
@@ -219,11 +288,15 @@ def make_planner(console: Console, options: PatchOptions) -> Planner:
 
 __all__ = [
     "SUFFIX",
+    "Target",
     "collect",
     "fail",
+    "is_pair_folder",
     "is_restorable",
     "load_header",
     "make_planner",
+    "output_key",
+    "require_paths",
     "run_one",
     "summarize",
     "usage_error",

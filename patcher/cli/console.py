@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -29,12 +30,27 @@ def colour_for(stream: Any) -> bool:
 class Console:
     """Write data to stdout and status to stderr, honouring ``-q``/``-v``, ``--json`` and ``NO_COLOR``."""
 
-    def __init__(self, *, verbose: int = 0, quiet: bool = False, json_mode: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        verbose: int = 0,
+        quiet: bool = False,
+        json_mode: bool = False,
+        fields: Sequence[str] = (),
+        terse: bool = False,
+    ) -> None:
         self.verbose = verbose
         self.quiet = quiet
+        #: ``--check``: on stderr only a line per file that would change, errors and the summary (as black).
+        self.terse = terse
         self.json_mode = json_mode
+        #: The keys every ``--json`` record of the command has, in order (``null`` where not applicable).
+        self.fields = tuple(fields)
         self.color_out = colour_for(sys.stdout)
         self.color_err = colour_for(sys.stderr)
+        # The progress line needs a terminal (it rewrites itself), not colour: NO_COLOR does not hide it.
+        isatty = getattr(sys.stderr, "isatty", None)
+        self.progress_shown_on_err = bool(isatty and isatty())
         self._progress_shown = False
         # A batch resolves configs per file; the same log line for every file would drown the results.
         self._logged: set[str] = set()
@@ -48,17 +64,30 @@ class Console:
     def record(self, record: Record) -> None:
         """Print one ``--json`` record as a JSON line."""
         if self.json_mode:
-            click.echo(json.dumps(record.to_json(), ensure_ascii=False))
+            out = record.to_json()
+            if self.fields:
+                out = {**{key: out.get(key) for key in self.fields}, **out}
+            click.echo(json.dumps(out, ensure_ascii=False))
 
     def status(self, text: str) -> None:
-        """Print a status line to stderr unless quiet."""
+        """Print a status line to stderr unless quiet (or terse)."""
+        if not (self.quiet or self.terse):
+            self._clear_progress()
+            click.echo(text, err=True, color=self.color_err)
+
+    def change(self, text: str) -> None:
+        """Print a line about a file that would change (``would patch FILE``) unless quiet; shown when terse."""
         if not self.quiet:
             self._clear_progress()
             click.echo(text, err=True, color=self.color_err)
 
+    def summary(self, text: str) -> None:
+        """Print the run's summary line unless quiet; shown when terse."""
+        self.change(text)
+
     def log(self, text: str) -> None:
-        """Print a config-resolution line (``  Loaded config from ...``) once per run, unless quiet."""
-        if self.quiet or text in self._logged:
+        """Print a config-resolution line (``  Loaded config from ...``) once per run, unless quiet or terse."""
+        if self.quiet or self.terse or text in self._logged:
             return
         self._logged.add(text)
         self._clear_progress()
@@ -66,13 +95,13 @@ class Console:
 
     def debug(self, text: str) -> None:
         """Print a line only with ``-v``."""
-        if self.verbose and not self.quiet:
+        if self.verbose and not (self.quiet or self.terse):
             self._clear_progress()
             click.echo(self.style(f"  {text}", fg="bright_black", err=True), err=True, color=self.color_err)
 
     def warning(self, text: str) -> None:
-        """Print a warning line to stderr unless quiet."""
-        if not self.quiet:
+        """Print a warning line to stderr unless quiet or terse."""
+        if not (self.quiet or self.terse):
             self._clear_progress()
             click.echo(self.style("warning: ", fg="yellow", bold=True, err=True) + text, err=True, color=self.color_err)
 
@@ -83,7 +112,7 @@ class Console:
 
     def progress(self, index: int, total: int, path: str) -> None:
         """Show ``[i/n] file`` on a terminal for batch runs (overwritten in place, never in a pipe or log)."""
-        if self.quiet or total < 2 or not self.color_err:
+        if self.quiet or self.terse or total < 2 or not self.progress_shown_on_err:
             return
         name = path if len(path) < 60 else "..." + path[-57:]
         sys.stderr.write(f"\r\x1b[K[{index}/{total}] {name}")

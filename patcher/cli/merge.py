@@ -9,110 +9,18 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any
 
 import click
 
 from .. import merge
 from ..errors import PatchError
-from ..facts import Severity
-from ..metadata import diff_metadata
-from ..plan import PatchOptions, Planner
+from ..plan import PatchOptions
 from ..report import Record, Report, Status
-from .batch import make_planner, run_one, summarize, usage_error
+from .batch import REMOTE, make_planner, require_paths, run_one, summarize, usage_error
 from .console import Console
+from .folders import merge_one
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
-from .render import findings_json, size
-
-#: The strategy named in records: the data regions are copied, never decoded.
-STRATEGY = "merge"
-
-
-def _details(plan: merge.MergePlan) -> dict[str, Any]:
-    patch = plan.patch
-    blocks, unquantized = plan.sources
-    return {
-        "output": plan.output,
-        "family": patch.family.value,
-        "precision": patch.precision,
-        "rank": patch.rank,
-        "model": patch.model_name,
-        "config_source": patch.config_source,
-        "folder_configs": list(plan.folder_configs),
-        "tensors": {
-            blocks.name: len(blocks.header.tensors),
-            unquantized.name: len(unquantized.header.tensors),
-            "total": len(plan.tensors),
-        },
-        "data_len": plan.data_len,
-        "header_len": plan.header_len,
-        "file_size": plan.file_size,
-        "metadata_keys": list(plan.metadata),
-        "warnings": list(plan.warnings),
-    }
-
-
-def _show_plan(console: Console, plan: merge.MergePlan) -> None:
-    """Print what a merge would write (dry run): output name, tensor counts, sizes, metadata keys."""
-    console.data(f"# {plan.folder} -> {plan.output}")
-    for source in plan.sources:
-        head = source.header
-        console.data(f"#   {source.name}: {len(head.tensors):,} tensors, {size(head.data_len)}")
-    console.data(
-        f"#   merged: {len(plan.tensors):,} tensors, header {plan.header_len:,} bytes, "
-        f"file {size(plan.file_size)} ({plan.file_size:,} bytes)"
-    )
-    console.data(f"#   metadata: {', '.join(plan.metadata)}")
-    if console.verbose:
-        for line in diff_metadata(None, plan.metadata):
-            console.data(line)
-
-
-def _merge_one(
-    console: Console,
-    planner: Planner,
-    folder: str,
-    output: str | None,
-    dry_run: bool,
-    force: bool,
-    claimed: dict[str, str],
-) -> Record:
-    plan = merge.plan_merge(folder, planner, output=output)
-    record = Record(plan.folder, Status.UNCHANGED, strategy=STRATEGY, details=_details(plan))
-    record.findings = findings_json(plan.patch.findings)
-    for warning in plan.warnings:
-        console.warning(f"{plan.folder}: {warning}")
-    for finding in plan.patch.findings:
-        if finding.severity is Severity.ERROR:  # only reached with --force
-            console.warning(f"{plan.folder}: {finding.message} (written anyway: --force)")
-        elif finding.severity is Severity.WARNING:
-            console.warning(f"{plan.folder}: {finding.message}")
-    key = os.path.normcase(os.path.abspath(plan.output))
-    if key in claimed:
-        raise PatchError(
-            f"the output {plan.output} is also where {claimed[key]} is merged in this run",
-            path=plan.folder,
-            code="output-clash",
-            hint="merge the folders one at a time with -o FILE",
-        )
-    claimed[key] = plan.folder
-    if dry_run:
-        _show_plan(console, plan)
-        # The same refusals as a real run (an existing, different output without --force), read-only.
-        if merge.check_output(plan, force=force) and not force:
-            console.status(f"already merged {plan.folder} ({plan.output} holds exactly this merge)")
-            return record
-        console.status(f"would merge {plan.folder} -> {plan.output}")
-        record.status = Status.WOULD_PATCH
-        return record
-    with console.copying(plan.output, sum(source.header.data_len for source in plan.sources)):
-        result = merge.write_merge(plan, force=force)
-    if result.status == "unchanged":
-        console.status(f"already merged {plan.folder} ({result.output} holds exactly this merge)")
-        return record
-    console.status(f"merged {plan.folder} -> {result.output} ({len(plan.tensors):,} tensors, {size(plan.file_size)})")
-    record.status = Status.PATCHED
-    return record
+from .render import WRITE_FIELDS
 
 
 @click.command(
@@ -121,7 +29,7 @@ def _merge_one(
     context_settings=CONTEXT_SETTINGS,
     short_help="Merge deepcompressor output folders into one file.",
 )
-@click.argument("paths", nargs=-1, required=True, metavar="DIR...")
+@click.argument("paths", nargs=-1, required=True, metavar="DIR...", type=click.Path(file_okay=False))
 @click.option("-o", "--output", metavar="FILE|DIR", help="Output file (one folder), or folder for the default names.")
 @config_options
 @click.option("-n", "--dry-run", is_flag=True, help="Show the planned output, tensors, sizes and metadata keys.")
@@ -159,7 +67,8 @@ def command(
       nunchaku-patch merge conversions/ --dry-run
       nunchaku-patch merge out/ --model flux.1-dev -o svdq-int4_r32-flux.1-dev.safetensors
     """
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=WRITE_FIELDS)
+    require_paths(console, paths)
     options = PatchOptions(
         model=model,
         model_path=model_path,
@@ -178,22 +87,45 @@ def command(
     folders: list[str] = []
     for raw in paths:
         try:
-            found = [os.fspath(f) for f in merge.find_folders([raw])]
+            if raw.startswith(REMOTE):  # Hub repo folders: both halves streamed into one file (patcher.cli.remote)
+                from .remote import find_folders
+
+                found = find_folders(raw)
+            else:
+                found = [os.fspath(f) for f in merge.find_folders([raw])]
         except PatchError as exc:
             console.error(exc.render())
             console.record(report.add(Record(raw, Status.FAILED, error=exc)))
             continue
         folders.extend(f for f in found if f not in folders)
-    if output is not None and len(folders) > 1 and not os.path.isdir(output):
+    # -o DIR/ (a trailing separator) always means a folder, created when missing.
+    wants_folder = output is not None and output.endswith(("/", os.sep))
+    if output is not None and len(folders) > 1 and not os.path.isdir(output) and not wants_folder:
         usage_error(
             console,
             f"-o/--output names one file but {len(folders)} folders were found. "
-            "pass an existing folder to -o, or merge one folder at a time",
+            "pass a folder to -o (end it with / to create it), or merge one folder at a time",
         )
+    if output is not None and wants_folder and not os.path.isdir(output):
+        if dry_run:
+            console.status(f"would create the folder {output}")
+        else:
+            try:
+                os.makedirs(output, exist_ok=True)
+            except OSError as exc:
+                usage_error(console, f"{output}: cannot create the output folder ({exc.strerror or exc})")
     claimed: dict[str, str] = {}
     for index, folder in enumerate(folders, 1):
         console.progress(index, len(folders), folder)
-        work = functools.partial(_merge_one, console, planner, folder, output, dry_run, force, claimed)
+        work = functools.partial(
+            merge_one, console, planner, folder, output=output, dry_run=dry_run, force=force, claimed=claimed
+        )
+        if folder.startswith(REMOTE):
+            from .remote import merge_one as merge_remote
+
+            work = functools.partial(
+                merge_remote, console, planner, folder, output=output, dry_run=dry_run, force=force
+            )
         console.record(report.add(run_one(console, work, folder)))
     summarize(console, report, paths)
     sys.exit(report.exit_code)

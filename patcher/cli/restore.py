@@ -9,14 +9,14 @@ import click
 
 from .. import splice
 from ..report import Record, Report, Status
-from .batch import collect, run_one, summarize
+from .batch import collect, require_paths, run_one, summarize
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .render import header_json
+from .render import RESTORE_FIELDS, header_json
 
 
 @click.command("restore", cls=Command, context_settings=CONTEXT_SETTINGS, short_help="Undo a --backup patch.")
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
 @click.option("--follow-symlinks", is_flag=True, help="Restore the target of a symlink.")
 @output_options
 def command(paths: tuple[str, ...], follow_symlinks: bool, json_mode: bool, verbose: int, quiet: bool) -> None:
@@ -29,9 +29,10 @@ def command(paths: tuple[str, ...], follow_symlinks: bool, json_mode: bool, verb
       nunchaku-patch restore model.safetensors
       nunchaku-patch restore ~/models/
     """
-    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
+    console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=RESTORE_FIELDS)
+    require_paths(console, paths)
     report = Report()
-    files = collect(paths, report, console, restorable=True)
+    files = [target.path for target in collect(paths, report, console, restorable=True)]
 
     def one(path: str) -> Record:
         result = splice.restore(path, follow_symlinks=follow_symlinks)
