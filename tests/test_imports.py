@@ -25,8 +25,8 @@ NOT_ON_THE_PATCH_PATH = (
     "huggingface_hub",
     "patcher.merge",
 )
-#: The same for a whole command-line patch (numpy comes with the run-time safetensors check; see splice).
-NOT_ON_THE_PATCH_PATH_CLI = tuple(name for name in NOT_ON_THE_PATCH_PATH if name != "numpy")
+#: The same for a whole command-line patch (the post-write check uses the project's reader: no numpy).
+NOT_ON_THE_PATCH_PATH_CLI = (*NOT_ON_THE_PATCH_PATH, "safetensors")
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
