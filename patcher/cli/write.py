@@ -174,15 +174,16 @@ def apply_plan(
         target = f" to {result.output}" if result.output else ""
         console.change(f"{verbs.would} {path}{target} ({result.strategy.value})")
         return record
-    result = splice.write_metadata(
-        path,
-        plan.new_metadata,
-        output=output,
-        backup=mode.backup,
-        follow_symlinks=follow_symlinks,
-        expected=None if output is not None else plan.header,
-        force=mode.force,
-    )
+    with console.copying(path, plan.header.data_len):  # drawn only if the write copies the data (-o, copy)
+        result = splice.write_metadata(
+            path,
+            plan.new_metadata,
+            output=output,
+            backup=mode.backup,
+            follow_symlinks=follow_symlinks,
+            expected=None if output is not None else plan.header,
+            force=mode.force,
+        )
     if result.recovered:
         console.status(f"recovered {path}: an interrupted patch was {result.recovered}")
     record.strategy = result.strategy.value
