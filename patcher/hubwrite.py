@@ -9,7 +9,7 @@ headers (:mod:`patcher.hub`), plan exactly as for a local file (:class:`~patcher
 3. meanwhile the *original* bytes of each source (its old prefix + its data region) are hashed and compared
    with what the Hub reports (the LFS / Xet sha256, or the git blob id of a small file): a mismatch deletes the
    part file and says so;
-4. the result is flushed and checked (header, tensor table, metadata, size, and ``safetensors`` itself), and
+4. the result is flushed and checked (its header re-read by the strict reader, tensor table, metadata, size), and
    only then renamed over the output.
 
 An interrupted run (dropped connection, Ctrl-C, kill) leaves the part file. The same command again finds it (the
@@ -184,9 +184,7 @@ def _rehash(fd: int, digest: _Digest, offset: int, length: int) -> None:
 
 
 def _verify(fd: int, path: str, expected: Header) -> None:
-    """Check what was written: header, tensor table, metadata, size, then safetensors' own reader."""
-    from .splice import _oracle
-
+    """Check what was written: the header through the strict reader, its tensor table, metadata and the size."""
     try:
         got = read_header_fd(fd, source=path)
     except PatchError as exc:
@@ -197,7 +195,6 @@ def _verify(fd: int, path: str, expected: Header) -> None:
         raise WriteError("verification failed: the written header is not the planned one", code="verify")
     if os.fstat(fd).st_size != expected.file_size:
         raise WriteError("verification failed: the file has the wrong size", code="verify")
-    _oracle(path)
 
 
 def stream_into(
@@ -275,9 +272,9 @@ def stream_into(
             raise WriteError(exc.message, path=dest, code=exc.code, hint=exc.hint) from None
         raise
     except OSError as exc:
-        from .splice import _os_error
+        from ._files import os_error
 
-        raise _os_error(exc, dest) from None
+        raise os_error(exc, dest) from None
     finally:
         if fd >= 0:
             os.close(fd)

@@ -442,6 +442,37 @@ def derived_in_name(text: str) -> str | None:
     return derived_note(mentions[0][0]) if mentions else None
 
 
+def config_note(model: KnownModel) -> str:
+    """Return which config ships for ``model``: its embedded file, or the model whose config stands in."""
+    if model.embedded_config is not None:
+        return model.embedded_config
+    if model.stand_in is not None:
+        return f"none ({model.stand_in}'s stands in)"
+    return "none"
+
+
+def model_json(model: KnownModel) -> dict[str, Any]:
+    """Return what ``nunchaku-patch models --json`` says of ``model`` (from the registry, nothing hard-coded)."""
+    return {
+        "name": model.name,
+        "aliases": [a for a in model.aliases if a not in (model.name, model.repo_id)],
+        "repo_id": model.repo_id,
+        "repo_file": model.repo_file,
+        "family": model.family.value,
+        "model_class": model.model_class,
+        "embedded_config": model.embedded_config,
+        "stand_in": model.stand_in,
+        "certainty": model.certainty,
+    }
+
+
+def completion_names(incomplete: str = "") -> list[str]:
+    """Return the names ``--model`` accepts that start with ``incomplete`` (case-insensitive): names, then aliases."""
+    prefix = incomplete.lower()
+    names = [m.name for m in all_models()] + [a for m in all_models() for a in m.aliases]
+    return [n for n in dict.fromkeys(names) if n.lower().startswith(prefix)]
+
+
 def embedded_config_text(model: KnownModel) -> str:
     """Return the raw text of ``model``'s embedded config (formatting kept); raise ConfigError if it has none."""
     if model.embedded_config is None:

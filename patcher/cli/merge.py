@@ -29,7 +29,7 @@ from .render import WRITE_FIELDS
     context_settings=CONTEXT_SETTINGS,
     short_help="Merge deepcompressor output folders into one file.",
 )
-@click.argument("paths", nargs=-1, required=True, metavar="DIR...")
+@click.argument("paths", nargs=-1, required=True, metavar="DIR...", type=click.Path(file_okay=False))
 @click.option("-o", "--output", metavar="FILE|DIR", help="Output file (one folder), or folder for the default names.")
 @config_options
 @click.option("-n", "--dry-run", is_flag=True, help="Show the planned output, tensors, sizes and metadata keys.")
