@@ -39,6 +39,17 @@ INSERT_RANGE_FILESYSTEMS = frozenset({"ext4", "xfs"})
 COPY_CHUNK = 8 * 1024 * 1024
 #: Largest count handed to one ``copy_file_range`` call (the kernel caps a call near 2 GiB anyway).
 _CFR_MAX = 1 << 30
+#: ``ioctl`` numbers of the inode flags (linux/fs.h: ``_IOR('f', 1, long)`` / ``_IOW('f', 2, long)``, 64-bit ABI).
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+#: Inode flags (``chattr``): the two that forbid our writes, and those a replacement file can carry over.
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+#: s (secure deletion), u (undeletable), c (compress), S (sync), d (no dump), A (no atime), t (no tail merging),
+#: C (no copy-on-write; only settable on an empty file, so flags are copied before any data).
+FS_COPYABLE_FLAGS = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x8000 | 0x800000
+#: Signals deferred while a rollback runs (a second Ctrl-C, a hang-up or a polite kill must not cut it short).
+_DEFERRED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
 #: Where the Windows lock byte lives: far past any real file end, so it never blocks reading the data.
 _WINDOWS_LOCK_OFFSET = 1 << 62
 
@@ -111,6 +122,11 @@ def take_write_lease(fd: int) -> bool:
     except OSError:  # EAGAIN/EBUSY: open or mapped elsewhere; EACCES: not the owner; EINVAL: no lease support
         return False
     return True
+
+
+def leases_supported() -> bool:
+    """Return whether write leases exist here (Linux); elsewhere no process can prove it holds a file alone."""
+    return IS_LINUX
 
 
 def release_lease(fd: int) -> None:
@@ -279,14 +295,30 @@ def copy_data(src: int, dst: int, src_offset: int, dst_offset: int, length: int)
         done += moved
 
 
-def copy_attributes(
-    source: os.stat_result, dst_fd: int, dst_path: str, *, src_fd: int | None = None, owner: bool = False
-) -> None:
-    """Give a new file the source's permission bits, and its owner (root only) and xattrs when asked."""
-    if owner and hasattr(os, "fchown") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        # Only root can give a file away; chown clears set-id bits, so it comes before chmod.
+def keep_identity(source: os.stat_result, src_fd: int, dst_fd: int) -> list[str]:
+    """Give a new file the owner, group and inode flags of ``src_fd`` where allowed; return what could not be kept.
+
+    Root gives the file away outright. Anyone else keeps the group when a member of it (``fchown(-1, gid)``), and
+    can never keep another user's ownership. Called on an empty file, before its data (``chattr +C`` needs that).
+    """
+    lost: list[str] = []
+    if hasattr(os, "fchown"):
+        is_root = hasattr(os, "geteuid") and os.geteuid() == 0
         with contextlib.suppress(OSError):
-            os.fchown(dst_fd, source.st_uid, source.st_gid)
+            os.fchown(dst_fd, source.st_uid if is_root else -1, source.st_gid)
+        now = os.fstat(dst_fd)
+        if now.st_uid != source.st_uid:
+            lost.append(f"owner (uid {source.st_uid} -> {now.st_uid})")
+        if now.st_gid != source.st_gid:
+            lost.append(f"group (gid {source.st_gid} -> {now.st_gid})")
+    missing = copy_inode_flags(src_fd, dst_fd)
+    if missing:
+        lost.append(f"inode flags (0x{missing:x}, see lsattr)")
+    return lost
+
+
+def copy_attributes(source: os.stat_result, dst_fd: int, dst_path: str, *, src_fd: int | None = None) -> None:
+    """Give a new file the source's permission bits, and its xattrs (ACLs, user.* tags) when ``src_fd`` is given."""
     mode = stat.S_IMODE(source.st_mode)
     if hasattr(os, "fchmod"):
         os.fchmod(dst_fd, mode)
@@ -298,6 +330,68 @@ def copy_attributes(
             for name in os.listxattr(src_fd):
                 with contextlib.suppress(OSError):
                     os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold back Ctrl-C, SIGTERM, SIGHUP and SIGQUIT for the duration of the block, then deliver them.
+
+    A rollback takes milliseconds; one cut short leaves work for the next run. The signals stay pending in the
+    kernel and arrive when the block ends (Ctrl-C then raises KeyboardInterrupt, SIGTERM ends the process as
+    usual). Where signals cannot be masked (Windows, a non-main thread) this does nothing.
+    """
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = {getattr(signal, name) for name in _DEFERRED_SIGNALS if hasattr(signal, name)}
+    previous = mask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Inode flags (chattr)
+
+
+def inode_flags(fd: int) -> int | None:
+    """Return the inode flags of ``fd`` (``FS_IOC_GETFLAGS``), ``None`` where the filesystem or OS has none."""
+    if not IS_LINUX:
+        return None
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    except OSError:
+        return None
+    return int.from_bytes(buf[:4], sys.byteorder)
+
+
+def path_flags(path: str) -> int | None:
+    """Return the inode flags of ``path`` (a file or a directory, not followed if a link), ``None`` if unknown."""
+    if not IS_LINUX:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        return inode_flags(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_inode_flags(src_fd: int, dst_fd: int) -> int:
+    """Give ``dst_fd`` the carry-over inode flags of ``src_fd``; return the flags that could not be set."""
+    flags = inode_flags(src_fd)
+    if not flags or not flags & FS_COPYABLE_FLAGS:
+        return 0
+    wanted = flags & FS_COPYABLE_FLAGS
+    current = inode_flags(dst_fd) or 0
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(dst_fd, FS_IOC_SETFLAGS, (current | wanted).to_bytes(8, sys.byteorder))
+    return wanted & ~(inode_flags(dst_fd) or 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ import contextlib
 import json
 import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from . import _files as files
 from . import _platform as plat
+from . import journal as jn
 from . import models
 from .errors import HeaderError, PatchError, UsageError, WriteError
 from .facts import BLOCKS_FILE, UNQUANTIZED_FILE, Precision
@@ -43,20 +44,7 @@ from .header import (
     serialize_header,
 )
 from .plan import PatchPlan, Planner
-from .splice import (
-    _close,
-    _copy_length,
-    _create_temp,
-    _fault,
-    _fingerprint,
-    _Handle,
-    _open_locked,
-    _oracle,
-    _os_error,
-    _padded,
-    _sweep_temps,
-    journal_path,
-)
+from .splice import _copy_length, check_output_target
 
 #: The two files deepcompressor's nunchaku backend writes (``backend/nunchaku/convert.py``), blocks first.
 SOURCE_FILES = (BLOCKS_FILE, UNQUANTIZED_FILE)
@@ -360,7 +348,7 @@ def plan_merge(
     patch = folder_planner.plan(label, merged)
     compact = serialize_header(patch.new_metadata, tensors).rstrip(b" ")
     # Spare room up to a 4 KiB boundary, as the copy path of a patch leaves: a later edit is a fit in place.
-    header_bytes = _padded(compact, _copy_length(len(compact)), label)
+    header_bytes = jn.padded(compact, _copy_length(len(compact)), label)
     name = output_name(patch.precision, patch.rank, _model_name(patch, _folder_name(where)))
     return MergePlan(
         folder=label,
@@ -403,8 +391,8 @@ def _matches(fd: int, path: str, plan: MergePlan, source_fds: Iterable[int] | No
     elif source_fds is not None:
         for source, src_fd in zip(plan.sources, source_fds, strict=True):
             head = source.header
-            want = _fingerprint(src_fd, head.data_start, head.data_len)
-            if _fingerprint(fd, got.data_start + source.shift, head.data_len) != want:
+            want = jn.fingerprint(src_fd, head.data_start, head.data_len)
+            if jn.fingerprint(fd, got.data_start + source.shift, head.data_len) != want:
                 problems.append(f"the bytes from {source.name} are not where they should be")
     return problems
 
@@ -415,9 +403,9 @@ def _open_sources(plan: MergePlan) -> list[tuple[int, os.stat_result]]:
     try:
         for source in plan.sources:
             # A shared lock: no in-place patch of a source can run while it is copied.
-            fd, st = _open_locked(source.path, writable=False, exclusive=False, wait=0.0)
+            fd, st = files.open_locked(source.path, writable=False, exclusive=False, wait=0.0)
             opened.append((fd, st))
-            if os.path.lexists(journal_path(os.path.realpath(source.path))):
+            if os.path.lexists(files.journal_path(os.path.realpath(source.path))):
                 raise WriteError(
                     "has an interrupted in-place patch",
                     path=source.path,
@@ -434,7 +422,7 @@ def _open_sources(plan: MergePlan) -> list[tuple[int, os.stat_result]]:
                 raise WriteError("changed since the merge was planned", path=source.path, code="changed")
     except BaseException:
         for fd, _ in opened:
-            _close(fd)
+            files.close(fd)
         raise
     return opened
 
@@ -463,38 +451,35 @@ def _copy_region(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, len
         done += count
 
 
-def check_output(plan: MergePlan, *, force: bool = False) -> bool:
+def check_output(plan: MergePlan, *, force: bool = False, follow_symlinks: bool = False) -> bool:
     """Return True when the output already holds exactly this merge; raise WriteError if it exists otherwise.
 
-    ``force`` allows replacing an existing, different output. Only headers and 64 KiB windows are read.
+    ``force`` allows replacing an existing, different regular file; a device, FIFO, socket or folder is never
+    replaced, and a symbolic link only with ``follow_symlinks`` (the rules of ``-o``, shared with ``patch``).
+    Only headers and 64 KiB windows are read.
     """
-    dest = plan.output
+    dest = check_output_target(plan.output, force=force, follow_symlinks=follow_symlinks, exists_ok=True)
+    if dest != plan.output:
+        plan = replace(plan, output=dest)
     if not os.path.lexists(dest):
-        directory = os.path.dirname(dest) or "."
-        if not os.path.isdir(directory):
-            raise WriteError("the output folder does not exist", path=dest, code="not-found")
         return False
     for source in plan.sources:
         with contextlib.suppress(OSError):
             if os.path.samefile(dest, source.path):
                 raise UsageError("the output is one of the files being merged", path=dest, hint="choose another -o")
-    if os.path.isdir(dest):
-        raise WriteError("the output is a folder", path=dest, code="not-a-file")
     try:
-        fd = os.open(dest, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd = files.open_file(dest, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         if force:
             return False
-        raise _os_error(exc, dest, "cannot read the existing output") from None
+        raise files.os_error(exc, dest, "cannot read the existing output") from None
     try:
-        identical = False
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            fds = _open_sources(plan)
-            try:
-                identical = not _matches(fd, dest, plan, [f for f, _ in fds])
-            finally:
-                for f, _ in fds:
-                    _close(f)
+        fds = _open_sources(plan)
+        try:
+            identical = not _matches(fd, dest, plan, [f for f, _ in fds])
+        finally:
+            for f, _ in fds:
+                files.close(f)
     finally:
         os.close(fd)
     if identical or force:
@@ -507,50 +492,49 @@ def check_output(plan: MergePlan, *, force: bool = False) -> bool:
     )
 
 
-def write_merge(plan: MergePlan, *, force: bool = False) -> MergeResult:
+def write_merge(plan: MergePlan, *, force: bool = False, follow_symlinks: bool = False) -> MergeResult:
     """Write the merged file: temp file, new prefix, kernel-side copy of each data region, fsync, rename.
 
     Refuse to replace an existing output unless ``force`` (an output already holding this merge is left alone).
     On any failure the temp file is removed and a one-line :class:`WriteError` raised; the output is untouched.
     """
-    dest = plan.output
-    if check_output(plan, force=force) and not force:
-        return MergeResult(plan, dest, "unchanged")
+    if check_output(plan, force=force, follow_symlinks=follow_symlinks) and not force:
+        return MergeResult(plan, plan.output, "unchanged")
+    dest = check_output_target(plan.output, force=True, follow_symlinks=follow_symlinks)
     directory, name = os.path.split(dest)
     directory = directory or "."
     opened = _open_sources(plan)
     tmp: str | None = None
-    handle: _Handle | None = None
+    handle: files.Handle | None = None
     replaced = False
     try:
-        _sweep_temps(directory, name)
-        tmp_fd, tmp = _create_temp(directory, name)
-        handle = _Handle(tmp_fd)
-        _fault("tmp-created")
+        files.sweep_temps(directory, name)
+        tmp_fd, tmp = files.create_temp(directory, name)
+        handle = files.Handle(tmp_fd)
+        files.fault("tmp-created")
         prefix = plan.prefix
         plat.pwrite_all(tmp_fd, prefix, 0)
         for index, (source, (src_fd, _)) in enumerate(zip(plan.sources, opened, strict=True)):
             head = source.header
             _copy_region(src_fd, tmp_fd, head.data_start, len(prefix) + source.shift, head.data_len)
             if index == 0:
-                _fault("data-half")
-        _fault("data-copied")
+                files.fault("data-half")
+        files.fault("data-copied")
         # A new file, like cp makes: the blocks file's permission bits, our owner.
         plat.copy_attributes(opened[0][1], tmp_fd, tmp)
         plat.fsync(tmp_fd)
         problems = _matches(tmp_fd, dest, plan, [fd for fd, _ in opened])
         if problems:
             raise WriteError("verification failed: " + "; ".join(problems), path=dest, code="verify")
-        _oracle(tmp)
-        _fault("verified")
+        files.fault("verified")
         if plat.IS_WINDOWS:
             handle.close()  # Windows renames no open file
         os.replace(tmp, dest)
         replaced = True
-        _fault("replaced")
+        files.fault("replaced")
         plat.fsync_dir(directory)
     except OSError as exc:
-        raise _os_error(exc, dest) from None
+        raise files.os_error(exc, dest) from None
     except WriteError as exc:
         if exc.path is None or exc.path == tmp:  # the temp file is ours: name the output the user asked for
             raise WriteError(
@@ -564,7 +548,7 @@ def write_merge(plan: MergePlan, *, force: bool = False) -> MergeResult:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         for fd, _ in opened:
-            _close(fd)
+            files.close(fd)
     return MergeResult(plan, dest, "merged", plan.data_len)
 
 

@@ -392,7 +392,12 @@ def _from_hub(
     # (Ids with "--" or ".." are left to the library, which rejects them with its own message.)
     folder = cache / ("models--" + repo_id.replace("/", "--"))
     plain_id = "--" not in repo_id and ".." not in repo_id
-    if plain_id and not allow_download and not folder.is_dir():
+    try:
+        present = folder.is_dir()
+    except OSError as exc:  # a cache we may not read is a cache without the model
+        log(f"warning: cannot read the Hugging Face cache {cache} ({exc.strerror or exc}); trying the next source")
+        return None
+    if plain_id and not allow_download and not present:
         log(f"{repo_id} has no {' or '.join(files)} in the local Hugging Face cache ({cache})")
         return None
     import huggingface_hub as hub
@@ -402,6 +407,9 @@ def _from_hub(
             hit = hub.try_to_load_from_cache(repo_id, relative, cache_dir=cache)
         except ValueError as exc:  # HFValidationError is a ValueError
             raise ConfigError(f"not a valid Hugging Face repo id: {repo_id!r} ({exc})") from exc
+        except OSError as exc:
+            log(f"warning: cannot read the Hugging Face cache {cache} ({exc.strerror or exc}); trying the next source")
+            return None
         if isinstance(hit, str):
             snapshot = Path(hit)
             for _ in Path(relative).parts:

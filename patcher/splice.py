@@ -4,44 +4,35 @@ The strategy is chosen once per file (:func:`plan_write`, pure) and carried out 
 
 * ``fit``: the new JSON fits in the old header length: pad it with spaces and rewrite the prefix in place.
 * ``insert`` (Linux, ext4/XFS): ``fallocate(FALLOC_FL_INSERT_RANGE)`` adds whole filesystem blocks at offset 0,
-  then the longer prefix is written over them; the data region is never read or written. Only while we hold a
-  write lease, the kernel's proof that no other process has the file open or mapped (a running ComfyUI).
+  then the longer prefix is written over them; the data region is never read or written.
+* Both only while we hold a write lease, the kernel's proof that no other process has the file open or mapped (a
+  running ComfyUI); without one the file is copied.
 * ``copy``: a temp file beside the original gets the new prefix and a kernel-side copy of the data region, then
   replaces the original with ``os.replace``; a process that has the old file open keeps its bytes.
 * ``output``: the same copy written elsewhere; the source is only read.
 
-Crash safety: fit and insert write a journal (old and new prefix, identity of the file) before touching it and
-remove it once the result is verified; :func:`recover`, which every write runs first, finishes or rolls back an
-interrupted patch. Copy and output change nothing before the atomic rename.
+Crash safety: fit and insert write a journal (``patcher.journal``) before touching the file and remove it once the
+result is verified; :func:`recover`, which every write runs first, finishes or rolls back an interrupted patch.
+Copy and output change nothing before the atomic rename. Backups and ``restore`` live in ``patcher.backup``; the
+shared file handling (safe opens, locks, temp files, trust checks) in ``patcher._files``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import hashlib
-import json
 import os
-import secrets
 import stat
-import struct
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from . import _files as files
 from . import _platform as plat
-from .errors import (
-    HeaderError,
-    LinkError,
-    LockedError,
-    MetadataError,
-    PatchError,
-    RecoveryError,
-    UsageError,
-    WriteError,
-)
+from . import journal as jn
+from ._files import FAULT_ENV, backup_path, journal_path
+from .backup import restore, save_backup
+from .errors import HeaderError, LinkError, LockedError, MetadataError, PatchError, UsageError, WriteError
 from .header import (
     ALIGNMENT,
     MAX_HEADER_LEN,
@@ -49,19 +40,15 @@ from .header import (
     Header,
     check_metadata,
     metadata_equal,
-    open_nonblocking,
     pack_prefix,
     parse_header,
-    parse_length_prefix,
-    read_header,
     read_header_fd,
     same_tensors,
     serialize_header,
 )
+from .journal import FINGERPRINT_WINDOW, ROLLBACK_STEPS, Journal, recover
 
-#: Environment variable naming the step at which to die with SIGKILL (fault-injection tests).
-FAULT_ENV = "NUNCHAKU_PATCH_FAULT"
-#: Every fault point, in the order the strategies pass them.
+#: Every fault point, in the order the strategies pass them (the rollback's own are ``ROLLBACK_STEPS``).
 FAULT_STEPS = (
     "journal-written",
     "inserted",
@@ -75,30 +62,6 @@ FAULT_STEPS = (
 )
 #: The copy path pads the header so the data region starts on this boundary (room for later edits, page-aligned).
 COPY_BOUNDARY = 4096
-#: Bytes hashed at each end of the data region to recognise the file again (cheap, never the whole region).
-FINGERPRINT_WINDOW = 64 * 1024
-
-_JOURNAL_MAGIC = b"nunchaku-patch journal\n"
-_JOURNAL_VERSION = 1
-_DIGEST_SIZE = 32
-_TEMP_SUFFIX = ".tmp"
-_LOCK_POLL = 0.05
-_REOPEN_TRIES = 8
-# Room for our prefix and suffix within the usual 255-byte name limit.
-_NAME_LIMIT = 200
-_O_BINARY = getattr(os, "O_BINARY", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_ERRNO_HINTS = {
-    errno.ENOSPC: "free some disk space, or write a patched copy to another disk with -o",
-    errno.EDQUOT: "free some quota, or write a patched copy elsewhere with -o",
-    errno.EFBIG: "the file size limit (ulimit -f) is smaller than the file",
-    errno.EROFS: "the filesystem is read-only; write a patched copy elsewhere with -o",
-    errno.EACCES: "check the permissions, or write a patched copy with -o",
-    errno.EPERM: "check the permissions and attributes (chattr -i), or write a patched copy with -o",
-    errno.EIO: "the disk reported an I/O error; check it before trying again",
-}
 
 
 class Strategy(str, Enum):
@@ -132,8 +95,12 @@ class WriteResult:
     recovered: str | None = None
     #: The backup file holding the original prefix, when one was asked for.
     backup: str | None = None
+    #: Whether that backup was already there (the original of an earlier patch, kept) rather than written now.
+    backup_kept: bool = False
     #: Where the patched copy went (``output`` strategy).
     output: str | None = None
+    #: What a forced in-place copy could not keep (owner, group, inode flags), for the caller to report.
+    lost: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,18 +160,6 @@ def _metadata_matches(header: Header, metadata: Mapping[str, str] | None) -> boo
     return header.has_metadata_key == (metadata is not None) and metadata_equal(header.metadata, metadata)
 
 
-def _padded(compact: bytes, length: int, path: str) -> bytes:
-    if length > MAX_HEADER_LEN:
-        raise MetadataError(
-            "new header is larger than safetensors allows",
-            path=path,
-            code="header-too-large",
-            expected=f"at most {MAX_HEADER_LEN:,} bytes",
-            got=f"{length:,}",
-        )
-    return compact + b" " * (length - len(compact))
-
-
 def _copy_length(compact_len: int) -> int:
     """Return N' for a rewritten file: aligned, with spare up to the next 4 KiB boundary of 8 + N'."""
     aligned = compact_len + (-(PREFIX_SIZE + compact_len) % ALIGNMENT)
@@ -248,7 +203,7 @@ def plan_write(
     except MetadataError as exc:
         raise exc.with_path(name) from None
     if out is not None:
-        return make(_padded(compact, _copy_length(len(compact)), name), Strategy.OUTPUT)
+        return make(jn.padded(compact, _copy_length(len(compact)), name), Strategy.OUTPUT)
     fits = len(compact) <= header.header_len
     insertable = block_size > 0 and block_size % ALIGNMENT == 0
     if strategy is None:
@@ -264,7 +219,7 @@ def plan_write(
                 got=f"{len(compact):,}",
                 hint="let nunchaku-patch choose the strategy",
             )
-        return make(_padded(compact, header.header_len, name), Strategy.FIT)
+        return make(jn.padded(compact, header.header_len, name), Strategy.FIT)
     if strategy is Strategy.INSERT:
         if not insertable:
             raise WriteError(
@@ -276,34 +231,12 @@ def plan_write(
         # Whole blocks (insert-range works in blocks); at least one even when forced on a header that fits.
         growth = max(len(compact) - header.header_len, 1)
         insert_len = -(-growth // block_size) * block_size
-        return make(_padded(compact, header.header_len + insert_len, name), Strategy.INSERT, insert_len)
-    return make(_padded(compact, _copy_length(len(compact)), name), Strategy.COPY)
+        return make(jn.padded(compact, header.header_len + insert_len, name), Strategy.INSERT, insert_len)
+    return make(jn.padded(compact, _copy_length(len(compact)), name), Strategy.COPY)
 
 
 # --------------------------------------------------------------------------------------------
-# Names beside the file
-
-
-def _short_name(name: str) -> str:
-    # Long names keep a readable head and a hash, so our prefixes and suffixes stay under NAME_MAX.
-    if len(name) <= _NAME_LIMIT:
-        return name
-    return name[: _NAME_LIMIT - 17] + "-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-def _temp_prefix(name: str) -> str:
-    return f".{_short_name(name)}.npatch-"
-
-
-def journal_path(path: str | os.PathLike[str]) -> str:
-    """Return where the journal of an in-place patch of ``path`` lives: ``{dir}/.{name}.npatch-journal``."""
-    directory, name = os.path.split(os.fspath(path))
-    return os.path.join(directory, f".{_short_name(name)}.npatch-journal")
-
-
-def backup_path(path: str | os.PathLike[str]) -> str:
-    """Return where ``backup=True`` saves the original prefix of ``path``: ``{path}.npatch-backup``."""
-    return os.fspath(path) + ".npatch-backup"
+# Names and facts beside the file
 
 
 def block_size(path: str | os.PathLike[str]) -> int:
@@ -311,529 +244,109 @@ def block_size(path: str | os.PathLike[str]) -> int:
     return plat.block_size(os.fspath(path))
 
 
-# --------------------------------------------------------------------------------------------
-# Fault injection
-
-
-def _armed(step: str) -> bool:
-    return os.environ.get(FAULT_ENV) == step
-
-
-def _fault(step: str) -> None:
-    """Die with SIGKILL here when ``NUNCHAKU_PATCH_FAULT`` names this step (a dict lookup otherwise)."""
-    if _armed(step):
-        plat.kill_self()
-
-
-# --------------------------------------------------------------------------------------------
-# The journal
-
-
-class _DamagedJournal(Exception):
-    """A journal file that is not a complete record of ours."""
-
-
-@dataclass(frozen=True)
-class Journal:
-    """What an in-place patch intends, written and flushed before the file is touched."""
-
-    strategy: Strategy
-    #: Size of the file before the patch.
-    file_size: int
-    dev: int
-    ino: int
-    #: K, the bytes inserted at offset 0 (0 for fit).
-    insert_len: int
-    old_prefix: bytes
-    new_prefix: bytes
-    #: sha256 (hex) of the first and last ``window`` bytes of the data region.
-    window: int
-    data_head: str
-    data_tail: str
-
-    def encode(self) -> bytes:
-        """Return the record: magic, version, JSON fields, both prefixes, then a sha256 of all of it."""
-        meta = json.dumps(
-            {
-                "strategy": self.strategy.value,
-                "file_size": self.file_size,
-                "dev": self.dev,
-                "ino": self.ino,
-                "insert_len": self.insert_len,
-                "old_prefix_len": len(self.old_prefix),
-                "new_prefix_len": len(self.new_prefix),
-                "window": self.window,
-                "data_head": self.data_head,
-                "data_tail": self.data_tail,
-            },
-            sort_keys=True,
-        ).encode("ascii")
-        body = b"".join(
-            (_JOURNAL_MAGIC, struct.pack("<II", _JOURNAL_VERSION, len(meta)), meta, self.old_prefix, self.new_prefix)
-        )
-        return body + hashlib.sha256(body).digest()
-
-    @classmethod
-    def decode(cls, blob: bytes) -> Journal:
-        """Parse a record written by :meth:`encode`; raise if it is torn, damaged or not ours."""
-        start = len(_JOURNAL_MAGIC) + 8
-        if len(blob) < start + _DIGEST_SIZE or not blob.startswith(_JOURNAL_MAGIC):
-            raise _DamagedJournal("not a nunchaku-patch journal")
-        body, digest = blob[:-_DIGEST_SIZE], blob[-_DIGEST_SIZE:]
-        if hashlib.sha256(body).digest() != digest:
-            raise _DamagedJournal("its checksum does not match (torn or damaged)")
-        version, meta_len = struct.unpack_from("<II", blob, len(_JOURNAL_MAGIC))
-        if version != _JOURNAL_VERSION:
-            raise RecoveryError(
-                f"the journal has version {version}, which this nunchaku-patch does not know",
-                code="journal-version",
-                expected=_JOURNAL_VERSION,
-                hint="recover with the nunchaku-patch version that wrote it",
-            )
-        try:
-            meta = json.loads(body[start : start + meta_len])
-            old_len, new_len = int(meta["old_prefix_len"]), int(meta["new_prefix_len"])
-            if start + meta_len + old_len + new_len != len(body):
-                raise ValueError("lengths do not add up")
-            position = start + meta_len
-            return cls(
-                strategy=Strategy(meta["strategy"]),
-                file_size=int(meta["file_size"]),
-                dev=int(meta["dev"]),
-                ino=int(meta["ino"]),
-                insert_len=int(meta["insert_len"]),
-                old_prefix=body[position : position + old_len],
-                new_prefix=body[position + old_len :],
-                window=int(meta["window"]),
-                data_head=str(meta["data_head"]),
-                data_tail=str(meta["data_tail"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _DamagedJournal(f"its fields are malformed ({exc})") from None
-
-
-def _fingerprint(fd: int, data_start: int, data_len: int, window: int = FINGERPRINT_WINDOW) -> tuple[str, str]:
-    """Return sha256 of the first and last ``window`` bytes of the data region."""
-    size = min(window, data_len)
-    head = hashlib.sha256(plat.pread_exact(fd, size, data_start)).hexdigest()
-    tail = hashlib.sha256(plat.pread_exact(fd, size, data_start + data_len - size)).hexdigest()
-    return head, tail
+def plant_journal_for_tests(path: str | os.PathLike[str], old_prefix: bytes, new_prefix: bytes) -> bytes:
+    """Return the journal a patch of ``path`` from ``old_prefix`` to ``new_prefix`` would write (tests only)."""
+    name = os.fspath(path)
+    st = os.stat(name)
+    old = parse_header(old_prefix[PREFIX_SIZE:])
+    new = parse_header(new_prefix[PREFIX_SIZE:])
+    with open(name, "rb") as handle:
+        prints = jn.fingerprint(handle.fileno(), old.data_start, st.st_size - old.data_start)
+    insert = len(new_prefix) - len(old_prefix)
+    return jn.make_journal(
+        st, "insert" if insert else "fit", insert, old_prefix, new_prefix, new.metadata, prints
+    ).encode()
 
 
 # --------------------------------------------------------------------------------------------
-# Small I/O helpers
+# Verification
 
 
-def _os_error(exc: OSError, path: str, doing: str = "cannot write") -> WriteError:
-    """Turn an OSError into one line naming the file, with a hint for the usual causes."""
-    what = exc.strerror or str(exc)
-    if exc.errno == errno.ELOOP:
-        return LinkError(
-            f"{doing}: it is a symbolic link", path=path, hint="write a patched copy with -o, or --follow-symlinks"
-        )
-    if exc.errno == errno.ENOENT:
-        return WriteError(f"{doing}: no such file or directory", path=path, code="not-found")
-    code = "permission" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "io"
-    return WriteError(f"{doing}: {what}", path=path, code=code, hint=_ERRNO_HINTS.get(exc.errno or 0))
+def _verify(fd: int, path: str, plan: SplicePlan, prints: tuple[str, str] | None) -> None:
+    """Check what was written against the plan, and the planned header with the strict reader.
 
-
-def _close(fd: int) -> None:
-    plat.unlock(fd)
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-class _Handle:
-    """An fd that is unlocked and closed at most once (Windows must let go of files before renaming)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._open = True
-
-    def close(self) -> None:
-        """Unlock and close the fd unless already done."""
-        if self._open:
-            self._open = False
-            _close(self.fd)
-
-
-def _open_file(path: str, flags: int) -> int:
-    """Open a regular file without blocking on FIFOs; OSError for the caller to translate."""
-    try:
-        fd = open_nonblocking(path, flags | _O_CLOEXEC)
-    except BlockingIOError:
-        raise LockedError(
-            "another nunchaku-patch is writing this file (it holds a lease)", path=path, hint="try again"
-        ) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise WriteError("is not a regular file", path=path, code="not-a-file")
-        if _O_NONBLOCK:  # only opened non-blocking where the flag exists (not on Windows)
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_locked(path: str, *, writable: bool, exclusive: bool, wait: float) -> tuple[int, os.stat_result]:
-    """Open and lock ``path``; wait up to ``wait`` seconds for another holder; follow replacements."""
-    deadline = time.monotonic() + max(wait, 0.0)
-    flags = (os.O_RDWR | _O_NOFOLLOW) if writable else os.O_RDONLY
-    for _ in range(_REOPEN_TRIES):
-        fd = _open_file(path, flags)
-        try:
-            while not plat.try_lock(fd, exclusive=exclusive):
-                if time.monotonic() >= deadline:
-                    raise LockedError(
-                        "another nunchaku-patch is writing this file",
-                        path=path,
-                        hint="wait for it to finish, then run again",
-                    )
-                time.sleep(_LOCK_POLL)
-            held = os.fstat(fd)
-            now = os.stat(path, follow_symlinks=not writable)
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                return fd, held
-        except BaseException:
-            _close(fd)
-            raise
-        # Another patcher replaced the file (copy path) while we waited: lock the new one instead.
-        _close(fd)
-    raise LockedError("the file kept being replaced while waiting for its lock", path=path)
-
-
-def _create_temp(directory: str, name: str) -> tuple[int, str]:
-    """Create and lock ``{directory}/.{name}.npatch-{random}.tmp`` (the lock marks it as in use)."""
-    for _ in range(16):
-        path = os.path.join(directory, f"{_temp_prefix(name)}{secrets.token_hex(6)}{_TEMP_SUFFIX}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_BINARY | _O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            plat.try_lock(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return fd, path
-    raise WriteError("cannot create a temp file", path=directory, code="io")
-
-
-def _sweep_temps(directory: str, name: str) -> None:
-    """Remove temp files of ours for ``name`` left by a killed run (those no live process has locked)."""
-    prefix = _temp_prefix(name)
-    try:
-        entries = list(os.scandir(directory or "."))
-    except OSError:
-        return
-    for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(_TEMP_SUFFIX)):
-            continue
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK | _O_BINARY)
-        except OSError:
-            continue
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode) and plat.try_lock(fd):
-                os.unlink(entry.path)
-        except OSError:
-            pass
-        finally:
-            _close(fd)
-
-
-def _atomic_write(final: str, data: bytes, owner_name: str) -> None:
-    """Write ``data`` to ``final`` through a flushed temp file and a rename, then flush the directory."""
-    directory = os.path.dirname(final) or "."
-    fd, tmp = _create_temp(directory, owner_name)
-    try:
-        plat.pwrite_all(fd, data, 0)
-        plat.fsync(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    finally:
-        _close(fd)
-    plat.fsync_dir(directory)
-
-
-def _remove(path: str) -> None:
-    """Remove ``path`` if present and flush the directory entry."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    plat.fsync_dir(os.path.dirname(path) or ".")
-
-
-def _write_prefix(fd: int, prefix: bytes) -> None:
-    if _armed("prefix-half"):
-        plat.pwrite_all(fd, prefix[: len(prefix) // 2], 0)
-        plat.kill_self()
-    plat.pwrite_all(fd, prefix, 0)
-
-
-def _oracle(path: str) -> None:
-    """Ask the reference reader whether ``path`` is valid (imported lazily: it is only needed here)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="np") as handle:
-            handle.metadata()
-            handle.keys()
-    except Exception as exc:  # the bindings raise SafetensorError, OSError or ValueError
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WriteError(f"verification failed: safetensors rejects the result ({first})", code="verify") from None
-
-
-def _verify(fd: int, path: str, plan: SplicePlan, fingerprint: tuple[str, str] | None) -> None:
-    """Re-read what was written and check it against the plan, then against the reference reader."""
-    try:
-        got = read_header_fd(fd, source=path)
-    except HeaderError as exc:
-        raise WriteError(
-            f"verification failed: the written header does not parse ({exc.message})", path=path, code="verify"
-        ) from None
+    The bytes read back must be the planned prefix, the file the planned size, and the data region where it should
+    be (its fingerprints); the planned header must pass the strict reader (which accepts exactly what safetensors
+    accepts) with the old tensor table and the asked metadata. One parse, from memory; numpy is never imported.
+    """
     problems = []
-    if got.raw != plan.new_header_bytes:
-        problems.append("the header bytes differ from those written")
-    if not same_tensors(got.tensors, plan.header.tensors):
-        problems.append("the tensor table changed")
-    if not _metadata_matches(got, plan.metadata):
-        problems.append("the metadata differs from what was asked")
+    prefix = plan.new_prefix
     size = os.fstat(fd).st_size
     if size != plan.new_file_size:
         problems.append(f"the file is {size:,} bytes, expected {plan.new_file_size:,}")
-    elif fingerprint is not None and _fingerprint(fd, got.data_start, got.data_len) != fingerprint:
+    elif plat.pread_exact(fd, len(prefix), 0) != prefix:
+        problems.append("the header bytes read back differ from those written")
+    elif prints is not None and jn.fingerprint(fd, len(prefix), plan.header.data_len) != prints:
         problems.append("the data region is not where it should be")
+    try:
+        planned = parse_header(plan.new_header_bytes, plan.new_file_size, source=path)
+    except HeaderError as exc:
+        problems.append(f"the new header does not pass the strict reader ({exc.message})")
+    else:
+        if not same_tensors(planned.tensors, plan.header.tensors):
+            problems.append("the tensor table changed")
+        if not _metadata_matches(planned, plan.metadata):
+            problems.append("the metadata differs from what was asked")
     if problems:
         raise WriteError("verification failed: " + "; ".join(problems), path=path, code="verify")
-    try:
-        _oracle(path)
-    except WriteError as exc:
-        raise exc.with_path(path) from None
-
-
-# --------------------------------------------------------------------------------------------
-# Recovery
-
-
-def _torn_between(current: bytes, before: bytes, after: bytes) -> bool:
-    """Return whether every byte of ``current`` is the one of ``before`` or of ``after`` (an interrupted write)."""
-    if not len(current) == len(before) == len(after):
-        return False
-    step = 4096
-    for start in range(0, len(current), step):
-        cur, old, new = current[start : start + step], before[start : start + step], after[start : start + step]
-        if cur != old and cur != new and any(c != a and c != b for c, a, b in zip(cur, old, new, strict=True)):
-            return False
-    return True
-
-
-def _mismatch(path: str, what: str) -> RecoveryError:
-    return RecoveryError(
-        f"the file does not match its interrupted-patch journal ({what})",
-        path=path,
-        hint=f"nothing was changed; if the file was replaced on purpose, delete {journal_path(path)}",
-    )
-
-
-def _check_fingerprint(fd: int, path: str, journal: Journal, data_start: int) -> None:
-    size = os.fstat(fd).st_size
-    data_len = size - data_start
-    if data_len < 0 or _fingerprint(fd, data_start, data_len, journal.window) != (journal.data_head, journal.data_tail):
-        raise _mismatch(path, "its data region is not the one the journal describes")
-
-
-def _finish(fd: int, path: str, journal: Journal, write: bool) -> str:
-    if write:
-        plat.pwrite_all(fd, journal.new_prefix, 0)
-    plat.fsync(fd)
-    try:
-        got = read_header_fd(fd, source=path)
-        if got.raw != journal.new_prefix[PREFIX_SIZE:]:
-            raise HeaderError("header differs from the journal's", path=path)
-        _oracle(path)
-    except PatchError as exc:
-        raise RecoveryError(
-            f"finishing the interrupted patch did not give a valid file ({exc.message})", path=path
-        ) from None
-    return "finished"
-
-
-def _replay(fd: int, path: str, journal: Journal) -> str:
-    """Finish or roll back the patch ``journal`` describes; raise without writing if the file does not match."""
-    st = os.fstat(fd)
-    same_file = (st.st_dev, st.st_ino) == (journal.dev, journal.ino)
-    old, new, insert_len = journal.old_prefix, journal.new_prefix, journal.insert_len
-    if st.st_size == journal.file_size:
-        _check_fingerprint(fd, path, journal, len(old))
-        current = plat.pread_exact(fd, len(old), 0)
-        if current == old:
-            return "rolled back"  # nothing had been written yet
-        if insert_len == 0 and current == new:
-            return _finish(fd, path, journal, write=False)
-        if insert_len == 0 and same_file and _torn_between(current, old, new):
-            return _finish(fd, path, journal, write=True)
-        raise _mismatch(path, "its header is neither the old one, the new one, nor a mix of both")
-    if insert_len and st.st_size == journal.file_size + insert_len:
-        _check_fingerprint(fd, path, journal, len(new))
-        current = plat.pread_exact(fd, len(new), 0)
-        if current == new:
-            return _finish(fd, path, journal, write=False)
-        # After the insert the first K bytes are a hole (zeros) followed by the old prefix.
-        if same_file and _torn_between(current, bytes(insert_len) + old, new):
-            return _finish(fd, path, journal, write=True)
-        raise _mismatch(path, "the inserted space holds something else")
-    expected = f"{journal.file_size:,}" + (f" or {journal.file_size + insert_len:,}" if insert_len else "")
-    raise _mismatch(path, f"its size is {st.st_size:,} bytes, expected {expected}")
-
-
-def _recover_locked(fd: int, path: str) -> str | None:
-    """Finish or roll back an interrupted patch of the locked file ``fd``; sweep our stale temp files."""
-    directory, name = os.path.split(path)
-    _sweep_temps(directory, name)
-    jpath = journal_path(path)
-    try:
-        jfd = os.open(jpath, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
-    except FileNotFoundError:
-        return None
-    try:
-        blob = plat.pread_exact(jfd, os.fstat(jfd).st_size, 0)
-    finally:
-        os.close(jfd)
-    try:
-        journal = Journal.decode(blob)
-    except RecoveryError as exc:
-        raise exc.with_path(path) from None
-    except _DamagedJournal as exc:
-        # A journal gets its name only by a rename after being flushed, so a damaged one was never a
-        # half-written record of ours: if the file itself is valid, the journal is of no use.
-        try:
-            read_header_fd(fd, source=path)
-        except HeaderError as bad:
-            raise RecoveryError(
-                f"found a damaged journal ({exc}) and the header is invalid ({bad.message})",
-                path=path,
-                hint=f"nothing was changed; restore the file from a backup or download, then delete {jpath}",
-            ) from None
-        _remove(jpath)
-        return "discarded"
-    outcome = _replay(fd, path, journal)
-    _remove(jpath)
-    return outcome
-
-
-def recover(path: str | os.PathLike[str], *, wait: float = 0.0) -> str | None:
-    """Finish or roll back an interrupted patch of ``path``; return what was done, ``None`` if nothing."""
-    name = os.fspath(path)
-    jpath = journal_path(name)
-    if not os.path.lexists(jpath):
-        directory, base = os.path.split(name)
-        _sweep_temps(directory, base)
-        return None
-    if not os.path.lexists(name):
-        raise RecoveryError(
-            "found an interrupted-patch journal but the file is gone", path=name, hint=f"delete {jpath}"
-        )
-    try:
-        fd, _ = _open_locked(name, writable=True, exclusive=True, wait=wait)
-        try:
-            return _recover_locked(fd, name)
-        finally:
-            _close(fd)
-    except OSError as exc:
-        raise _os_error(exc, name, "cannot recover") from None
 
 
 # --------------------------------------------------------------------------------------------
 # The strategies
 
 
-def _roll_back(fd: int, path: str, journal: Journal) -> None:
-    """Put the old prefix back (collapsing the inserted blocks first if they are there)."""
-    size = os.fstat(fd).st_size
-    if journal.insert_len and size == journal.file_size + journal.insert_len:
-        _check_fingerprint(fd, path, journal, len(journal.new_prefix))
-        if not plat.collapse_range(fd, 0, journal.insert_len):
-            raise OSError(errno.EOPNOTSUPP, "collapse-range is not supported")
-    elif size != journal.file_size:
-        raise _mismatch(path, f"its size is {size:,} bytes")
-    plat.pwrite_all(fd, journal.old_prefix, 0)
-    plat.fsync(fd)
-    if read_header_fd(fd, source=path).raw != journal.old_prefix[PREFIX_SIZE:]:
-        raise _mismatch(path, "the old header did not come back")
-
-
-def _failed(fd: int, path: str, journal: Journal, exc: BaseException) -> BaseException:
-    """Roll back after ``exc`` and return what to raise; keep the journal if even that fails."""
-    try:
-        _roll_back(fd, path, journal)
-        _remove(journal_path(path))
-    except BaseException:
-        return WriteError(
-            "the patch failed and could not be rolled back; the journal was kept",
-            path=path,
-            code="interrupted",
-            got=str(exc) or type(exc).__name__,
-            hint="run the same command again to finish or roll back the patch",
-        )
-    if isinstance(exc, PatchError):
-        return exc.with_path(path)
-    if isinstance(exc, OSError):
-        return _os_error(exc, path)
-    return exc  # KeyboardInterrupt and the like: the file is back as it was
-
-
 def _apply_in_place(fd: int, path: str, plan: SplicePlan, st: os.stat_result) -> str | None:
-    """Carry out ``fit`` or ``insert`` under a journal; return why insert is impossible, or None when done."""
+    """Carry out ``fit`` or ``insert`` under a journal; return why it cannot be done in place, or None when done.
+
+    Both hold a write lease while they change the header, the kernel's proof that no other process has the file
+    open or mapped; where it is refused the caller copies instead. (Without leases, on macOS and Windows, a fit is
+    written in place: the tensor table and data do not move, only the metadata bytes change.)
+    """
     insert_len = plan.insert_len if plan.strategy is Strategy.INSERT else 0
+    jpath = journal_path(path)
     with contextlib.ExitStack() as lease:
-        if insert_len:
-            if not plat.IS_LINUX:
-                return "insert-range needs Linux"
+        if insert_len and not plat.IS_LINUX:
+            return "insert-range needs Linux"
+        if plat.leases_supported():
             if not lease.enter_context(plat.lease_break_handler()):
                 return "a write lease can only be taken from the main thread"
             if not plat.take_write_lease(fd):
                 return "another process has the file open or mapped"
             lease.callback(plat.release_lease, fd)
-        head, tail = _fingerprint(fd, plan.header.data_start, plan.header.data_len)
-        journal = Journal(
-            strategy=plan.strategy,
-            file_size=st.st_size,
-            dev=st.st_dev,
-            ino=st.st_ino,
-            insert_len=insert_len,
-            old_prefix=plan.old_prefix,
-            new_prefix=plan.new_prefix,
-            window=FINGERPRINT_WINDOW,
-            data_head=head,
-            data_tail=tail,
+        prints = jn.fingerprint(fd, plan.header.data_start, plan.header.data_len)
+        journal = jn.make_journal(
+            st, plan.strategy.value, insert_len, plan.old_prefix, plan.new_prefix, plan.metadata, prints
         )
-        _atomic_write(journal_path(path), journal.encode(), os.path.basename(path))
+        # Flushed, with its directory entry (which also carries a backup written just before).
+        files.atomic_write(jpath, journal.encode(), os.path.basename(path))
         try:
-            _fault("journal-written")
+            files.fault("journal-written")
             if insert_len:
                 if not plat.insert_range(fd, 0, insert_len):
-                    _remove(journal_path(path))
+                    files.remove(jpath)  # flushed: a copy follows, which a stale journal would not match
                     return "the filesystem does not support insert-range (tmpfs, btrfs, NFS, ...)"
-                _fault("inserted")
-            _write_prefix(fd, plan.new_prefix)
+                files.fault("inserted")
+            files.write_prefix(fd, plan.new_prefix, "prefix-half")
             lease.close()  # let waiting openers in as soon as the file is whole again
             plat.fsync(fd)
-            _fault("prefix-written")
-            _verify(fd, path, plan, (head, tail))
-            _fault("verified")
+            files.fault("prefix-written")
+            _verify(fd, path, plan, prints)
+            files.fault("verified")
         except BaseException as exc:
             lease.close()
-            raise _failed(fd, path, journal, exc) from None
-    _remove(journal_path(path))
+            raise jn.failed(fd, path, journal, exc) from None
+    # Not flushed: should a power cut bring the journal back, it finds the file finished and is removed again.
+    files.remove(jpath, sync_dir=False)
     return None
+
+
+def _refuse_lost_identity(lost: list[str], dest: str) -> WriteError:
+    return WriteError(
+        "replacing it with a patched copy would change its " + ", ".join(lost),
+        path=dest,
+        code="identity",
+        hint="write a patched copy with -o, or pass --force to accept the change",
+    )
 
 
 def _copy_into(
@@ -843,31 +356,40 @@ def _copy_into(
     dest: str,
     *,
     in_place: bool,
+    force: bool = False,
     release_source: Callable[[], None] | None = None,
-) -> None:
-    """Write the patched file to a temp beside ``dest`` and rename it over ``dest``."""
+) -> tuple[str, ...]:
+    """Write the patched file to a temp beside ``dest`` and rename it over ``dest``; return what was not kept.
+
+    In place the new file takes the old one's owner, group and inode flags first (before any data); what cannot
+    be kept is refused unless ``force``. An output is a new file, like ``cp`` makes: only the mode is copied.
+    """
     directory, name = os.path.split(dest)
     directory = directory or "."
-    _sweep_temps(directory, name)
+    files.sweep_temps(directory, name)
     header = plan.header
-    fingerprint = _fingerprint(src_fd, header.data_start, header.data_len)
-    tmp_fd, tmp = _create_temp(directory, name)
-    tmp_handle = _Handle(tmp_fd)
+    prints = jn.fingerprint(src_fd, header.data_start, header.data_len)
+    tmp_fd, tmp = files.create_temp(directory, name)
+    tmp_handle = files.Handle(tmp_fd)
     replaced = False
+    lost: list[str] = []
     try:
-        _fault("tmp-created")
+        if in_place:
+            lost = plat.keep_identity(src_st, src_fd, tmp_fd)
+            if lost and not force:
+                raise _refuse_lost_identity(lost, dest)
+        files.fault("tmp-created")
         prefix = plan.new_prefix
         plat.pwrite_all(tmp_fd, prefix, 0)
-        half = header.data_len // 2 if _armed("data-half") else header.data_len
+        half = header.data_len // 2 if files.armed("data-half") else header.data_len
         plat.copy_data(src_fd, tmp_fd, header.data_start, len(prefix), half)
-        _fault("data-half")
+        files.fault("data-half")
         plat.copy_data(src_fd, tmp_fd, header.data_start + half, len(prefix) + half, header.data_len - half)
-        _fault("data-copied")
-        # In place the new file takes the old one's identity; an output is a new file, like cp makes.
-        plat.copy_attributes(src_st, tmp_fd, tmp, src_fd=src_fd if in_place else None, owner=in_place)
+        files.fault("data-copied")
+        plat.copy_attributes(src_st, tmp_fd, tmp, src_fd=src_fd if in_place else None)
         plat.fsync(tmp_fd)
-        _verify(tmp_fd, tmp, plan, fingerprint)
-        _fault("verified")
+        _verify(tmp_fd, tmp, plan, prints)
+        files.fault("verified")
         if plat.IS_WINDOWS:
             # Windows renames neither an open file nor over one: let go of both (and of the lock) first.
             tmp_handle.close()
@@ -875,7 +397,7 @@ def _copy_into(
                 release_source()
         os.replace(tmp, dest)
         replaced = True
-        _fault("replaced")
+        files.fault("replaced")
         plat.fsync_dir(directory)
     except BaseException as exc:
         if not replaced:
@@ -886,10 +408,19 @@ def _copy_into(
         raise
     finally:
         tmp_handle.close()
+    return tuple(lost)
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points
+# Where a write may go
+
+
+def _folder_problem(directory: str, path: str) -> WriteError | None:
+    try:
+        files.check_folder_writable(directory, path)
+    except WriteError as exc:
+        return exc
+    return None
 
 
 def _inspect_target(name: str, follow_symlinks: bool) -> tuple[str, PatchError | None]:
@@ -907,7 +438,7 @@ def _inspect_target(name: str, follow_symlinks: bool) -> tuple[str, PatchError |
             name = os.path.realpath(name)
             st = os.lstat(name)
     except OSError as exc:
-        raise _os_error(exc, name, "cannot open") from None
+        raise files.os_error(exc, name, "cannot open") from None
     if not stat.S_ISREG(st.st_mode):
         raise WriteError("is not a regular file", path=name, code="not-a-file")
     if st.st_nlink > 1:
@@ -933,6 +464,11 @@ def _inspect_target(name: str, follow_symlinks: bool) -> tuple[str, PatchError |
             code="permission",
             hint="write a patched copy with -o",
         )
+    flagged = files.attribute_problem(plat.path_flags(name), "it")
+    if flagged is not None:
+        return name, WriteError(
+            f"cannot be patched in place: {flagged}", path=name, code="permission", hint="or write a copy with -o"
+        )
     directory = os.path.dirname(name) or "."
     if not os.access(directory, os.W_OK | os.X_OK):
         return name, WriteError(
@@ -941,7 +477,62 @@ def _inspect_target(name: str, follow_symlinks: bool) -> tuple[str, PatchError |
             code="permission",
             hint="write a patched copy elsewhere with -o",
         )
-    return name, None
+    return name, _folder_problem(directory, name)
+
+
+def check_output_target(
+    dest: str, *, force: bool = False, follow_symlinks: bool = False, exists_ok: bool = False
+) -> str:
+    """Apply the rules of ``-o OUT``; return the path to write (a followed link's target).
+
+    A device, FIFO, socket or folder is never replaced, even with ``force``; a symbolic link only with
+    ``follow_symlinks`` (the file it points to is written, and must be a regular file or not exist yet); an
+    existing regular file only with ``force`` (or ``exists_ok``: the caller checks it already holds the result).
+    """
+    try:
+        st = os.lstat(dest)
+        if stat.S_ISLNK(st.st_mode):
+            if not follow_symlinks:
+                raise LinkError(
+                    "the output is a symbolic link; writing through it would replace the file it points to",
+                    path=dest,
+                    hint=f"pass --follow-symlinks to write {os.path.realpath(dest)}, or choose another name with -o",
+                )
+            dest = os.path.realpath(dest)
+            st = os.lstat(dest)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(dest))
+        if not os.path.isdir(directory):
+            raise WriteError("the output directory does not exist", path=dest, code="not-found") from None
+        problem = _folder_problem(directory, dest)
+        if problem is not None:
+            raise problem from None
+        return dest
+    except OSError as exc:
+        raise files.os_error(exc, dest, "cannot check the output") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise WriteError("the output is a folder, not a regular file", path=dest, code="not-a-file")
+    if not stat.S_ISREG(st.st_mode):
+        raise WriteError(
+            "the output exists and is not a regular file (a device, FIFO or socket); it is never replaced",
+            path=dest,
+            code="not-a-file",
+            hint="choose another name with -o",
+        )
+    if not force and not exists_ok:
+        raise WriteError(
+            "the output already exists",
+            path=dest,
+            code="exists",
+            hint="pass --force to replace it, or choose another name with -o",
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(dest, os.W_OK):
+        raise WriteError("the output exists and is read-only", path=dest, code="read-only")
+    problem = _folder_problem(os.path.dirname(os.path.abspath(dest)), dest)
+    if problem is not None:
+        raise problem
+    return dest
 
 
 def _plan_read_only(
@@ -950,9 +541,9 @@ def _plan_read_only(
     """Plan from a read-only open, predicting insert support from the filesystem type; also say if a journal waits."""
     pending = os.path.lexists(journal_path(os.path.realpath(target)))
     try:
-        fd = _open_file(target, os.O_RDONLY)
+        fd = files.open_file(target, os.O_RDONLY)
     except OSError as exc:
-        raise _os_error(exc, target, "cannot open") from None
+        raise files.os_error(exc, target, "cannot open") from None
     try:
         header = read_header_fd(fd, source=target)
     except HeaderError:
@@ -965,9 +556,9 @@ def _plan_read_only(
             ) from None
         raise
     except OSError as exc:
-        raise _os_error(exc, target, "cannot read") from None
+        raise files.os_error(exc, target, "cannot read") from None
     finally:
-        _close(fd)
+        files.close(fd)
     size = block_size(target)
     plan = plan_write(header, metadata, path=target, block_size=size, strategy=strategy)
     if plan.strategy is Strategy.INSERT and strategy is None and not plat.insert_range_likely(target):
@@ -975,7 +566,13 @@ def _plan_read_only(
     return plan, pending
 
 
-def _result(plan: SplicePlan, *, recovered: str | None = None, backup: str | None = None) -> WriteResult:
+def _result(
+    plan: SplicePlan,
+    *,
+    recovered: str | None = None,
+    backup: tuple[str, bool] | None = None,
+    lost: tuple[str, ...] = (),
+) -> WriteResult:
     return WriteResult(
         path=plan.path,
         changed=plan.changed,
@@ -984,17 +581,11 @@ def _result(plan: SplicePlan, *, recovered: str | None = None, backup: str | Non
         new_header_len=plan.new_header_len,
         spare=plan.spare,
         recovered=recovered,
-        backup=backup,
+        backup=backup[0] if backup else None,
+        backup_kept=backup[1] if backup else False,
         output=plan.output,
+        lost=lost,
     )
-
-
-def _save_backup(path: str, header: Header) -> str:
-    """Save the original prefix beside the file, unless an earlier backup already holds the original."""
-    saved = backup_path(path)
-    if not os.path.lexists(saved):
-        _atomic_write(saved, pack_prefix(header.raw), os.path.basename(path))
-    return saved
 
 
 def _reread(fd: int, path: str, expected: Header | None) -> Header:
@@ -1025,6 +616,7 @@ def _write_in_place(
     follow_symlinks: bool,
     strategy: Strategy | None,
     wait: float,
+    force: bool,
     expected: Header | None = None,
 ) -> WriteResult:
     target, problem = _inspect_target(name, follow_symlinks)
@@ -1035,10 +627,10 @@ def _write_in_place(
         # Nothing to write (or not asked to): nothing to refuse either.
         return _result(plan, recovered="pending" if pending else None)
     try:
-        fd, st = _open_locked(target, writable=True, exclusive=True, wait=wait)
-        handle = _Handle(fd)
+        fd, st = files.open_locked(target, writable=True, exclusive=True, wait=wait)
+        handle = files.Handle(fd)
         try:
-            recovered = _recover_locked(fd, target)
+            recovered = jn.recover_locked(fd, target)
             st = os.fstat(fd)
             header = _reread(fd, target, expected)
             size = block_size(target)
@@ -1047,42 +639,73 @@ def _write_in_place(
                 return _result(plan, recovered=recovered)
             if st.st_nlink > 1:  # a link made since the first look
                 raise LinkError(f"has {st.st_nlink} hard links", path=target, hint="write a patched copy with -o")
-            saved = _save_backup(target, header) if backup else None
-            if plan.strategy is Strategy.INSERT:
+            # A filesystem known to lack insert-range (tmpfs, btrfs, NFS...) copies at once: no journal to flush.
+            if plan.strategy is Strategy.INSERT and strategy is None and not _may_insert(target):
+                plan = plan_write(header, metadata, path=target, block_size=size, strategy=Strategy.COPY)
+            # The journal's directory flush covers the backup's entry; the copy path has no journal, so it flushes.
+            saved = save_backup(target, header, st, sync_dir=plan.strategy is Strategy.COPY) if backup else None
+            if plan.strategy in (Strategy.INSERT, Strategy.FIT):
                 reason = _apply_in_place(fd, target, plan, st)
                 if reason is not None:
-                    if strategy is Strategy.INSERT:
-                        raise WriteError(f"cannot insert in place: {reason}", path=target, code="no-insert")
+                    if strategy is plan.strategy:
+                        raise WriteError(
+                            f"cannot {plan.strategy} in place: {reason}", path=target, code=f"no-{plan.strategy}"
+                        )
                     plan = plan_write(header, metadata, path=target, block_size=size, strategy=Strategy.COPY)
-            if plan.strategy is Strategy.FIT:
-                _apply_in_place(fd, target, plan, st)
-            elif plan.strategy is Strategy.COPY:
-                _copy_into(fd, st, plan, target, in_place=True, release_source=handle.close)
-            return _result(plan, recovered=recovered, backup=saved)
+            lost: tuple[str, ...] = ()
+            if plan.strategy is Strategy.COPY:
+                lost = _copy_into(fd, st, plan, target, in_place=True, force=force, release_source=handle.close)
+            return _result(plan, recovered=recovered, backup=saved, lost=lost)
         finally:
             handle.close()
     except OSError as exc:
-        raise _os_error(exc, target) from None
+        raise files.os_error(exc, target) from None
+
+
+def _may_insert(path: str) -> bool:
+    """Return False only for a filesystem known to lack insert-range (an unknown one is tried)."""
+    kind = plat.filesystem_type(path)
+    return kind is None or kind in plat.INSERT_RANGE_FILESYSTEMS
+
+
+def _holds_the_result(dest: str, plan: SplicePlan, src_fd: int) -> bool:
+    """Return whether the existing ``dest`` already is this patched copy (a rerun after a kill, say)."""
+    try:
+        fd = files.open_file(dest, os.O_RDONLY)
+    except (OSError, WriteError):
+        return False
+    try:
+        prefix = plan.new_prefix
+        if os.fstat(fd).st_size != plan.new_file_size or plat.pread_exact(fd, len(prefix), 0) != prefix:
+            return False
+        header = plan.header
+        return jn.fingerprint(fd, len(prefix), header.data_len) == jn.fingerprint(
+            src_fd, header.data_start, header.data_len
+        )
+    finally:
+        files.close(fd)
 
 
 def _write_output(
-    source: str, metadata: Mapping[str, str] | None, output: str, *, dry_run: bool, wait: float
+    source: str,
+    metadata: Mapping[str, str] | None,
+    output: str,
+    *,
+    dry_run: bool,
+    wait: float,
+    force: bool,
+    follow_symlinks: bool,
 ) -> WriteResult:
     dest = os.path.join(output, os.path.basename(source)) if os.path.isdir(output) else output
     try:
-        if os.path.exists(dest):
-            if os.path.samefile(source, dest):
-                raise UsageError(
-                    "the output is the source file itself", path=dest, hint="choose another path, or patch in place"
-                )
-            mode = stat.S_IMODE(os.stat(dest).st_mode)
-            if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(dest, os.W_OK):
-                raise WriteError("the output exists and is read-only", path=dest, code="read-only")
-        directory = os.path.dirname(os.path.abspath(dest))
-        if not os.path.isdir(directory):
-            raise WriteError("the output directory does not exist", path=dest, code="not-found")
+        if os.path.exists(dest) and os.path.samefile(source, dest):
+            raise UsageError(
+                "the output is the source file itself", path=dest, hint="choose another path, or patch in place"
+            )
+        dest = check_output_target(dest, force=force, follow_symlinks=follow_symlinks, exists_ok=True)
+        exists = os.path.lexists(dest)
         # A shared lock: no in-place patch of the source can run while we copy it.
-        fd, st = _open_locked(source, writable=False, exclusive=False, wait=wait)
+        fd, st = files.open_locked(source, writable=False, exclusive=False, wait=wait)
         try:
             if os.path.lexists(journal_path(os.path.realpath(source))):
                 raise WriteError(
@@ -1093,13 +716,17 @@ def _write_output(
                 )
             header = read_header_fd(fd, source=source)
             plan = plan_write(header, metadata, path=source, block_size=block_size(source), output=dest)
+            if exists and _holds_the_result(dest, plan, fd):
+                return dataclasses.replace(_result(plan), strategy=Strategy.NONE)  # left alone
+            if exists and not force:
+                check_output_target(dest, follow_symlinks=True)  # raises: it exists and holds something else
             if not dry_run:
                 _copy_into(fd, st, plan, dest, in_place=False)
             return _result(plan)
         finally:
-            _close(fd)
+            files.close(fd)
     except OSError as exc:
-        raise _os_error(exc, source if exc.filename == source else dest) from None
+        raise files.os_error(exc, source if exc.filename == source else dest) from None
 
 
 def write_metadata(
@@ -1113,10 +740,14 @@ def write_metadata(
     strategy: Strategy | None = None,
     wait: float = 0.0,
     expected: Header | None = None,
+    force: bool = False,
 ) -> WriteResult:
     """Replace the ``__metadata__`` of ``path`` (``None``: remove the key), safely; see the module docstring.
 
     ``expected``: the header the metadata was planned from; the write is refused if the file no longer has it.
+    ``force``: replace an existing ``output``; in place, accept a copy that cannot keep the owner, group or inode
+    flags (``WriteResult.lost`` says what changed). ``follow_symlinks``: patch a link's target, or write an
+    ``output`` that is a link into the file it points to.
     """
     name = os.fspath(path)
     if strategy is Strategy.OUTPUT and output is None:
@@ -1124,7 +755,15 @@ def write_metadata(
     if output is not None:
         if strategy not in (None, Strategy.OUTPUT):
             raise UsageError(f"an output path cannot be written with the {strategy} strategy", path=name)
-        return _write_output(name, metadata, os.fspath(output), dry_run=dry_run, wait=wait)
+        return _write_output(
+            name,
+            metadata,
+            os.fspath(output),
+            dry_run=dry_run,
+            wait=wait,
+            force=force,
+            follow_symlinks=follow_symlinks,
+        )
     return _write_in_place(
         name,
         metadata,
@@ -1133,76 +772,24 @@ def write_metadata(
         follow_symlinks=follow_symlinks,
         strategy=strategy,
         wait=wait,
+        force=force,
         expected=expected,
     )
-
-
-def _read_backup(saved: str) -> Header:
-    try:
-        with open(saved, "rb") as handle:
-            blob = handle.read()
-        n = parse_length_prefix(blob[:PREFIX_SIZE], len(blob), source=saved)
-        if len(blob) != PREFIX_SIZE + n:
-            raise HeaderError("backup has bytes after its header", path=saved)
-        return parse_header(blob[PREFIX_SIZE:], None, source=saved)
-    except HeaderError as exc:
-        raise WriteError(
-            f"the backup is damaged ({exc.message})", path=saved, code="bad-backup", hint="it cannot be restored"
-        ) from None
-
-
-def restore(path: str | os.PathLike[str], *, follow_symlinks: bool = False, wait: float = 0.0) -> WriteResult:
-    """Finish an interrupted patch, then put back the metadata saved by ``backup=True`` and drop the backup."""
-    name = os.fspath(path)
-    target = os.path.realpath(name) if follow_symlinks else name
-    recovered = recover(target, wait=wait)
-    saved = backup_path(target)
-    if not os.path.lexists(saved):
-        if recovered is None:
-            raise WriteError(
-                "there is no backup to restore",
-                path=target,
-                code="no-backup",
-                expected=saved,
-                hint="backups are made by patching with --backup",
-            )
-        header = read_header(target)
-        return WriteResult(
-            path=target,
-            changed=recovered == "finished",
-            strategy=Strategy.NONE,
-            old_header_len=header.header_len,
-            new_header_len=header.header_len,
-            spare=header.padding,
-            recovered=recovered,
-        )
-    original = _read_backup(saved)
-    current = read_header(target)
-    if not same_tensors(original.tensors, current.tensors):
-        raise WriteError(
-            "the backup does not belong to this file (the tensor tables differ)",
-            path=target,
-            code="bad-backup",
-            hint=f"delete {saved} if it is stale",
-        )
-    result = write_metadata(target, original.metadata, follow_symlinks=follow_symlinks, wait=wait)
-    try:
-        _remove(saved)
-    except OSError as exc:
-        raise _os_error(exc, saved, "restored, but cannot remove the backup") from None
-    return dataclasses.replace(result, recovered=recovered or result.recovered, backup=saved)
 
 
 __all__ = [
     "COPY_BOUNDARY",
     "FAULT_ENV",
     "FAULT_STEPS",
+    "FINGERPRINT_WINDOW",
+    "ROLLBACK_STEPS",
     "Journal",
     "SplicePlan",
     "Strategy",
     "WriteResult",
     "backup_path",
     "block_size",
+    "check_output_target",
     "journal_path",
     "plan_write",
     "recover",

@@ -2,15 +2,17 @@
 # Demo on a fresh machine: build a sample old conversion (a sparse FLUX.1-dev int4 r32 file with the
 # real tensor table and no metadata), then inspect it, show the dry-run diff, patch it, and validate it.
 # Creates .venv and installs the project on first use; takes a few seconds after that.
+# VENV=DIR runs it with the nunchaku-patch installed in DIR (CI: the installed wheel, scripts/check_wheel.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/nunchaku-patch ]; then
-    echo "==> Creating .venv and installing nunchaku-patch (first run only)"
-    [ -x .venv/bin/python ] || "$PY" -m venv .venv
-    .venv/bin/python -m pip install --quiet -e .
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/nunchaku-patch" ]; then
+    echo "==> Creating $VENV and installing nunchaku-patch (first run only)"
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet -e .
 fi
-NP=.venv/bin/nunchaku-patch
+NP="$VENV/bin/nunchaku-patch"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/nunchaku-patch-demo.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 SAMPLE="$WORK/svdq-int4_r32-flux.1-dev.safetensors"
@@ -25,7 +27,7 @@ disk_usage() { du -h "$1" | cut -f1; }
 step "1. Build a sample old conversion"
 say "The real FLUX.1-dev int4 r32 tensor table with no __metadata__, like the files published before" \
     "Nunchaku needed it. The 6.8 GB data region is a hole, so it takes almost no disk."
-.venv/bin/python scripts/make_sample.py "$SAMPLE"
+"$VENV/bin/python" scripts/make_sample.py "$SAMPLE"
 say "apparent size $(du -h --apparent-size "$SAMPLE" | cut -f1), on disk $(disk_usage "$SAMPLE")"
 
 step "2. What the header says: nunchaku-patch inspect FILE"
@@ -47,7 +49,7 @@ time "$NP" "$SAMPLE" --model flux.1-dev
 say "still sparse: on disk $(disk_usage "$SAMPLE") (a full rewrite would have written 6.8 GB)"
 
 step "6. What a loader sees: safetensors.safe_open(FILE).metadata()"
-.venv/bin/python - "$SAMPLE" <<'EOF'
+"$VENV/bin/python" - "$SAMPLE" <<'EOF'
 import json, sys
 from safetensors import safe_open
 with safe_open(sys.argv[1], framework="np") as f:

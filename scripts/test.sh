@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Run the whole check: create .venv if missing, install the project with its test extra,
+# Run the whole check: create the virtual environment if missing, install the project with its test extra,
 # then ruff, mypy --strict on the package, and pytest. Extra arguments go to pytest.
+#   PYTHON=python3.10 VENV=.venv-3.10 bash scripts/test.sh    # another interpreter, in its own environment
+# PYTHON is the interpreter (default python3), VENV the environment's folder (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    echo "test.sh: creating .venv with $($PY --version)" >&2
-    "$PY" -m venv .venv
+VENV="${VENV:-.venv}"
+version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "test.sh: creating $VENV with $("$PY" --version)" >&2
+    "$PY" -m venv "$VENV"
+elif [ -n "${PYTHON:-}" ] && [ "$(version "$VENV/bin/python")" != "$(version "$PY")" ]; then
+    echo "test.sh: $VENV holds Python $(version "$VENV/bin/python"), not $PY's $(version "$PY")." \
+        "Pick another folder (VENV=.venv-$(version "$PY")) or remove $VENV" >&2
+    exit 2
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet -e '.[test]'
+"$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip install --quiet -e '.[test]'
 echo "test.sh: ruff" >&2
-.venv/bin/ruff check patcher tests scripts
+"$VENV/bin/ruff" check patcher tests scripts
 echo "test.sh: mypy --strict patcher" >&2
-.venv/bin/mypy --strict patcher
-echo "test.sh: pytest" >&2
-exec .venv/bin/python -m pytest "$@"
+"$VENV/bin/mypy" --strict patcher
+echo "test.sh: pytest on $("$VENV/bin/python" --version)" >&2
+exec "$VENV/bin/python" -m pytest "$@"

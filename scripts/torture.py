@@ -67,11 +67,11 @@ PRESETS = ("flux.1-dev", "flux.1-schnell", "qwen-image", "sana-1600m", "z-image-
 SCALES = (0.01, 0.02, 0.04)
 INTENTS = ("fit", "insert", "copy-tmpfs", "copy-held", "copy-unaligned", "output", "batch")
 INTENT_WEIGHTS = (3, 4, 2, 2, 1, 2, 1)
-#: The fault points each intent passes (tmpfs copies try insert first, and so write a journal first).
+#: The fault points each intent passes (a tmpfs folder is known to lack insert-range: it copies at once).
 STEPS: Mapping[str, tuple[str, ...]] = {
     "fit": ("journal-written", "prefix-half", "prefix-written", "verified"),
     "insert": ("journal-written", "inserted", "prefix-half", "prefix-written", "verified"),
-    "copy-tmpfs": ("journal-written", "tmp-created", "data-half", "data-copied", "verified", "replaced"),
+    "copy-tmpfs": ("tmp-created", "data-half", "data-copied", "verified", "replaced"),
     "copy-held": ("tmp-created", "data-half", "data-copied", "verified", "replaced"),
     "copy-unaligned": ("tmp-created", "data-half", "data-copied", "verified", "replaced"),
     "output": ("tmp-created", "data-half", "data-copied", "verified", "replaced"),
@@ -133,6 +133,7 @@ class Stats:
     headers_valid: int = 0
     disagreements: int = 0
     hostile_cli: int = 0
+    hostile: Counter[str] = field(default_factory=Counter)
     restores: int = 0
     cli_runs: int = 0
     failures: list[str] = field(default_factory=list)
@@ -141,7 +142,7 @@ class Stats:
     def add(self, other: Stats) -> None:
         """Merge one case's counts into these (thread-safe)."""
         with self.lock:
-            for name in ("cases", "crashes", "faults", "recoveries", "strategies"):
+            for name in ("cases", "crashes", "faults", "recoveries", "strategies", "hostile"):
                 getattr(self, name).update(getattr(other, name))
             for name in (
                 "files_checked",
@@ -173,6 +174,7 @@ class Stats:
             f"faults injected:      {sum(self.faults.values()):,} ({breakdown(self.faults)})",
             f"recoveries:           {sum(self.recoveries.values()):,} ({breakdown(self.recoveries)})",
             f"restores (--backup):  {self.restores:,}",
+            f"hostile files:        {sum(self.hostile.values()):,} refused, file untouched ({breakdown(self.hostile)})",
             f"files checked:        {self.files_checked:,}",
             f"bytes verified:       {self.bytes_verified:,} ({self.bytes_verified / 2**30:.1f} GiB hashed, compared)",
             f"headers compared:     {self.headers:,} ({self.headers_valid:,} valid), "
@@ -377,7 +379,13 @@ class Run:
 
 
 def run_cli(
-    ws: Workspace, stats: Stats, args: Sequence[str], *, fault: str | None = None, inject: str | None = None
+    ws: Workspace,
+    stats: Stats,
+    args: Sequence[str],
+    *,
+    fault: str | None = None,
+    inject: str | None = None,
+    timeout: float = CASE_TIMEOUT,
 ) -> Run:
     """Run the command line, with a fault step or an strace injection; record the run."""
     stats.cli_runs += 1
@@ -386,11 +394,14 @@ def run_cli(
     if inject is not None:
         fd, log = tempfile.mkstemp(prefix="strace-", dir=ws.root)
         os.close(fd)
-        call = inject.split(":", 1)[0]
-        prefix = ["strace", "-f", "-qq", "-o", log, "-e", f"trace={call}", "-e", f"inject={inject}"]
+        specs = inject.split(" & ")  # a double fault: one spec per system call (strace keeps one per call)
+        calls = ",".join(dict.fromkeys(spec.split(":", 1)[0] for spec in specs))
+        prefix = ["strace", "-f", "-qq", "-o", log, "-e", f"trace={calls}"]
+        for spec in specs:
+            prefix += ["-e", f"inject={spec}"]
     try:
         proc = subprocess.run(
-            [*prefix, *CLI, *args], env=ws.env(fault), capture_output=True, text=True, timeout=CASE_TIMEOUT, cwd=REPO
+            [*prefix, *CLI, *args], env=ws.env(fault), capture_output=True, text=True, timeout=timeout, cwd=REPO
         )
         injected = 0
         if log is not None:
@@ -542,6 +553,9 @@ def check_final(subject: Subject, stats: Stats) -> None:
     if metadata != subject.expected:
         raise CaseFailure(f"{target}: metadata {str(metadata)[:300]} is not the expected {str(subject.expected)[:300]}")
     header = read_header(target)
+    table = {n: (t.dtype, tuple(t.shape), tuple(t.data_offsets)) for n, t in header.tensors.items()}
+    if table != {n: (t.dtype, tuple(t.shape), tuple(t.data_offsets)) for n, t in subject.blob.tensors.items()}:
+        raise CaseFailure(f"{target}: the tensor table changed")
     # An unaligned original stays so only when its header was rewritten in place at the same length (fit).
     if (PREFIX_SIZE + header.header_len) % 8 and (subject.aligned or header.header_len != subject.header_len):
         raise CaseFailure(f"{target}: the data region is not 8-byte aligned")
@@ -559,29 +573,31 @@ def after_mishap(setup: Setup, injection: Injection, run: Run, stats: Stats) -> 
     check_clean_output(run, "the run with the mishap")
     code = run.returncode
     killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
-    termed = code in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    termed = code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGHUP, 128 + signal.SIGHUP)
+    double = injection.kind == "double"
     if killed or termed:
         if injection.kind == "error" or injection.kind == "none":
             raise CaseFailure(f"died without being killed: {run.describe()}")
-        stats.crashes[{"fault": "fault-step SIGKILL", "kill": "strace SIGKILL"}.get(injection.kind, "SIGTERM")] += 1
+        kinds = {"fault": "fault-step SIGKILL", "kill": "strace SIGKILL", "double": "double fault (2nd: a kill)"}
+        stats.crashes[kinds.get(injection.kind, "SIGTERM")] += 1
     elif code == 130:
         if "signal=INT" not in (injection.inject or ""):
             raise CaseFailure(f"exit 130 without an interrupt: {run.describe()}")
-        stats.crashes["SIGINT"] += 1
+        stats.crashes["double fault (2nd: SIGINT)" if double else "SIGINT"] += 1
         if len(run.errors) != 1 or "interrupted" not in run.errors[0]:
             raise CaseFailure(f"an interrupt did not say so in one line: {run.describe()}")
     elif code == 3:
-        if injection.kind != "error" or not run.injected:
+        if injection.kind not in ("error", "double") or not run.injected:
             raise CaseFailure(f"failed without a fault: {run.describe()}")
-        stats.faults[injection.label.split()[0]] += 1
+        stats.faults["double fault (errors)" if double else injection.label.split()[0]] += 1
         failed = [r for r in records(run) if r.get("status") == "failed"]
         if not failed or len(run.errors) != len(failed):
             raise CaseFailure(f"not one error line per failed file: {run.describe()}")
     elif code == 0:
         if injection.kind in ("fault", "kill") and run.injected:
             raise CaseFailure(f"survived a kill: {run.describe()}")
-        if injection.kind == "error" and run.injected:
-            stats.faults[f"absorbed {injection.label.split()[0]}"] += 1
+        if injection.kind in ("error", "double") and run.injected:
+            stats.faults[f"absorbed {'double fault' if double else injection.label.split()[0]}"] += 1
         for rec in records(run):
             if rec.get("strategy"):
                 stats.strategies[str(rec["strategy"])] += 1
@@ -619,6 +635,9 @@ def run_write_case(
     case_dir = ws.root / f"case-{case_seed}"
     shm_dir = ws.shm / f"case-{case_seed}" if ws.shm is not None else None
     setup = make_setup(ws, rng, intent, case_dir, shm_dir)
+    if inject is not None and inject.kind == "double" and setup.backup:  # the call counts assume no backup
+        setup.args.remove("--backup")
+        setup.backup = False
     injection = inject or choose_injection(ws, rng, setup.intent)
     label = f"case {case_seed}: {setup.intent}, {injection.label}, {len(setup.subjects)} file(s)"
     reproduce = f"python scripts/torture.py --replay {case_seed} --keep"
@@ -731,6 +750,212 @@ def sweep_cases(ws: Workspace, seed: int) -> Iterator[tuple[str, Injection]]:
             for when in range(1, counts[call] + 1):
                 yield intent, Injection("kill", inject=f"{call}:signal=KILL:when={when}", label=f"kill {call}#{when}")
                 yield intent, Injection("error", inject=f"{call}:error=EIO:when={when}", label=f"EIO {call}#{when}")
+
+
+# --------------------------------------------------------------------------------------------
+# Double faults: a first fault makes the writer roll back, a second one hits the rollback
+
+#: The first fault (the write after the journal fails, or Ctrl-C), by the system call it hits; with no backup the
+#: in-place paths make pwrite64 #1 journal, #2 new prefix, #3 old prefix (rollback); fsync #1 journal, #2 its folder,
+#: #3 the file, #4 after the rollback; fallocate #1 insert, #2 collapse (rollback); unlink #1 the journal.
+DOUBLE_FIRST = ("fsync:error=EIO:when=3", "fsync:signal=INT:when=3", "pwrite64:error=EIO:when=2")
+#: The second fault, inside the rollback: (system call, which call, what), and the rollback's own fault steps.
+DOUBLE_SECOND = {
+    "fsync": [("pwrite64", 3), ("fallocate", 2), ("unlink", 1)],
+    "pwrite64": [("fsync", 3), ("fallocate", 2), ("unlink", 1)],
+}
+DOUBLE_WHAT = ("signal=KILL", "signal=INT", "signal=HUP", "signal=TERM", "error=EIO")
+
+
+def double_fault_cases(ws: Workspace) -> Iterator[tuple[str, Injection]]:
+    """Yield (intent, injection) for every pair of a first fault and a second one during the rollback."""
+    intents = ("fit", "insert") if ws.insert_ok else ("fit",)
+    for intent in intents:
+        for first in DOUBLE_FIRST:
+            call = first.split(":", 1)[0]
+            for second_call, when in DOUBLE_SECOND[call]:
+                if second_call == "fallocate" and intent == "fit":
+                    continue
+                for what in DOUBLE_WHAT:
+                    spec = f"{second_call}:{what}:when={when}"
+                    label = f"double {first} + {spec}"
+                    yield intent, Injection("double", inject=f"{first} & {spec}", label=label)
+            for step in splice.ROLLBACK_STEPS:
+                if step == "rollback-collapsed" and intent == "fit":
+                    continue
+                yield intent, Injection("double", fault=step, inject=first, label=f"double {first} + step {step}")
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile files: planted journals, odd auxiliary files and output targets, an append-only folder
+
+HOSTILE_KINDS = (
+    "journal-other-user",
+    "journal-group-writable",
+    "journal-fifo",
+    "journal-symlink",
+    "journal-swapped-offsets",
+    "backup-fifo",
+    "backup-foreign",
+    "output-device",
+    "output-fifo",
+    "output-symlink",
+    "output-folder",
+    "folder-append-only",
+)
+OTHER_UID = 4242
+HOSTILE_TIMEOUT = 60
+
+
+def _swapped_journal(path: Path) -> bytes:
+    """Return a journal of our format, built so that finishing it would swap two same-size tensors."""
+    header = read_header(path)
+    by_size: dict[tuple[str, int], str] = {}
+    tensors = dict(header.tensors)
+    for name, info in header.tensors.items():
+        key = (info.dtype, info.nbytes)
+        if key in by_size and info.nbytes:
+            other = by_size[key]
+            tensors[name], tensors[other] = tensors[other], tensors[name]
+            break
+        by_size[key] = name
+    evil = serialize(
+        {**(header.metadata or {}), "planted": "yes"}, tensors, length=max(header.header_len, 64 * 1024)
+    )
+    if len(evil) > header.header_len:
+        evil = serialize({**(header.metadata or {}), "planted": "yes"}, tensors)
+    return splice.plant_journal_for_tests(path, pack_prefix(header.raw), pack_prefix(evil.ljust(header.header_len)))
+
+
+def run_hostile_case(ws: Workspace, case_seed: int, kind: str, *, keep: bool = False) -> Stats:
+    """Plant ``kind`` beside a fresh file; the command must refuse with one line, touching nothing, then work."""
+    stats = Stats()
+    stats.cases["hostile"] += 1
+    rng = random.Random(case_seed)
+    is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if kind in ("journal-other-user", "output-device", "folder-append-only") and not is_root:
+        return stats
+    case_dir = ws.root / f"hostile-{case_seed}"
+    setup = make_setup(ws, rng, "fit", case_dir, None)
+    subject = setup.subjects[0]
+    path = subject.path
+    args = [a for a in setup.args if a != "--backup"]
+    planted: Path | None = None
+    cleanup: list[Callable[[], None]] = []
+    reproduce = f"python scripts/torture.py --replay-hostile {case_seed} --hostile-kind {kind} --keep"
+    ok = False
+    try:
+        try:
+            journal = Path(splice.journal_path(path))
+            if kind.startswith("journal-") and kind != "journal-swapped-offsets":
+                if kind in ("journal-other-user", "journal-group-writable"):
+                    crash = run_cli(ws, stats, args, fault="prefix-half")  # a real journal of ours first
+                    if crash.returncode not in (-signal.SIGKILL, 128 + signal.SIGKILL):
+                        raise CaseFailure(f"the fault step did not fire: {crash.describe()}")
+                    if kind == "journal-other-user":
+                        os.chown(journal, OTHER_UID, OTHER_UID)
+                        cleanup.append(lambda: os.chown(journal, 0, 0))
+                    else:
+                        journal.chmod(0o660)
+                        cleanup.append(lambda: journal.chmod(0o600))
+                elif kind == "journal-fifo":
+                    os.mkfifo(journal)
+                    cleanup.append(journal.unlink)
+                else:
+                    (case_dir / "elsewhere").write_bytes(b"x")
+                    journal.symlink_to(case_dir / "elsewhere")
+                    cleanup.append(journal.unlink)
+                planted = journal
+            elif kind == "journal-swapped-offsets":
+                journal.write_bytes(_swapped_journal(path))
+                journal.chmod(0o600)
+                cleanup.append(journal.unlink)
+                planted = journal
+            elif kind.startswith("backup-"):
+                saved = Path(splice.backup_path(path))
+                if kind == "backup-fifo":
+                    os.mkfifo(saved)
+                else:
+                    other = ws.blob("sana-1600m" if subject.preset != "sana-1600m" else "flux.1-dev", SCALES[0])
+                    saved.write_bytes(pack_prefix(serialize({"format": "pt"}, other.tensors)))
+                cleanup.append(saved.unlink)
+                planted = saved
+                args.append("--backup")
+            elif kind.startswith("output-"):
+                out = case_dir / "out.safetensors"
+                if kind == "output-device":
+                    os.mknod(out, 0o20666, os.makedev(1, 3))
+                elif kind == "output-fifo":
+                    os.mkfifo(out)
+                elif kind == "output-symlink":
+                    (case_dir / "target.safetensors").write_bytes(b"someone's file")
+                    out.symlink_to(case_dir / "target.safetensors")
+                else:  # -o DIR, where DIR/NAME (the name the copy would take) is a folder
+                    out = case_dir / "outdir"
+                    (out / path.name).mkdir(parents=True)
+                planted = out if kind != "output-folder" else out / path.name
+                args += ["-o", str(out)]  # with --force (the scaled tables need it): still refused
+                cleanup.append(out.unlink if kind != "output-folder" else (out / path.name).rmdir)
+            else:  # folder-append-only
+                done = subprocess.run(["chattr", "+a", str(path.parent)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    return stats
+                cleanup.append(lambda: subprocess.run(["chattr", "-a", str(path.parent)], check=False))
+                planted = path.parent
+            before = path.read_bytes()
+            listing = sorted(p.name for p in path.parent.iterdir())
+            planted_st = planted.lstat()
+            try:
+                run = run_cli(ws, stats, args, timeout=HOSTILE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise CaseFailure(f"{kind}: the command hung") from None
+            check_clean_output(run, kind)
+            if run.returncode != 3 or len(run.errors) != 1:
+                raise CaseFailure(f"{kind}: not refused with one error line: {run.describe()}")
+            if path.read_bytes() != before:
+                raise CaseFailure(f"{kind}: the file changed")
+            if sorted(p.name for p in path.parent.iterdir()) != listing:
+                raise CaseFailure(f"{kind}: files appeared or vanished beside it")
+            after = planted.lstat()
+            if (after.st_mode, after.st_ino, after.st_uid) != (
+                planted_st.st_mode,
+                planted_st.st_ino,
+                planted_st.st_uid,
+            ):
+                raise CaseFailure(f"{kind}: the planted {planted} was replaced")
+            if kind == "backup-fifo":  # restore must not hang on it either
+                try:
+                    restored = run_cli(ws, stats, ["restore", str(path)], timeout=HOSTILE_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    raise CaseFailure("restore hung on a FIFO backup") from None
+                if restored.returncode != 3 or len(restored.errors) != 1:
+                    raise CaseFailure(f"restore of a FIFO backup: {restored.describe()}")
+            for undo in reversed(cleanup):
+                undo()
+            cleanup.clear()
+            rerun = run_cli(ws, stats, args)  # the planted file gone (or given back its owner and mode)
+            if rerun.returncode != 0:
+                raise CaseFailure(f"{kind}: the command failed once the planted file was gone: {rerun.describe()}")
+            if kind.startswith("output-"):
+                subject.result = case_dir / ("outdir" if kind == "output-folder" else "") / (
+                    path.name if kind == "output-folder" else "out.safetensors"
+                )
+            check_final(subject, stats)
+            if leftovers(path.parent, case_dir):
+                raise CaseFailure(f"{kind}: left behind {leftovers(path.parent, case_dir)}")
+            stats.hostile[kind] += 1
+            ok = True
+        except CaseFailure as exc:
+            stats.failures.append(f"hostile case {case_seed} ({kind}): {exc}  [reproduce: {reproduce}]")
+        except Exception as exc:
+            stats.failures.append(f"hostile case {case_seed} ({kind}): harness error {exc!r}  [reproduce: {reproduce}]")
+    finally:
+        for undo in reversed(cleanup):
+            with contextlib.suppress(OSError):
+                undo()
+        if ok and not keep:
+            shutil.rmtree(case_dir, ignore_errors=True)
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", metavar="STEP", help="with --replay: the fault step of a sweep case")
     parser.add_argument("--inject", metavar="SPEC", help="with --replay: the strace injection of a sweep case")
     parser.add_argument("--replay-header", type=int, metavar="CASE", help="run one header case again")
+    parser.add_argument("--replay-hostile", type=int, metavar="CASE", help="run one hostile-file case again")
+    parser.add_argument("--hostile-kind", choices=HOSTILE_KINDS, help="with --replay-hostile: what was planted")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
@@ -971,10 +1198,14 @@ def main(argv: list[str] | None = None) -> int:
     total = Stats()
     started = time.monotonic()
     try:
-        if args.replay is not None or args.replay_header is not None:
+        if args.replay_hostile is not None:
+            total.add(run_hostile_case(ws, args.replay_hostile, args.hostile_kind or HOSTILE_KINDS[0], keep=args.keep))
+        elif args.replay is not None or args.replay_header is not None:
             if args.replay is not None:
                 injection = None
-                if args.fault:
+                if args.inject and (" & " in args.inject or args.fault):
+                    injection = Injection("double", fault=args.fault, inject=args.inject, label="double fault")
+                elif args.fault:
                     injection = Injection("fault", fault=args.fault, label=f"step {args.fault}")
                 elif args.inject:
                     kind = "kill" if "signal=KILL" in args.inject else "signal" if "signal=" in args.inject else "error"
@@ -1031,7 +1262,10 @@ def run_all(ws: Workspace, args: argparse.Namespace, seed: int, total: Stats, st
     def work() -> Iterator[Callable[[], Stats]]:
         index = 0
         if args.sweep and ws.strace:
-            for intent, injection in sweep_cases(ws, seed):
+            for kind in HOSTILE_KINDS:
+                index += 1
+                yield lambda s=seed * 1_000_000 + index, k=kind: run_hostile_case(ws, s, k, keep=args.keep)
+            for intent, injection in [*double_fault_cases(ws), *sweep_cases(ws, seed)]:
                 index += 1
                 case_seed = seed * 1_000_000 + index
                 yield lambda s=case_seed, i=intent, j=injection: run_write_case(
@@ -1041,6 +1275,9 @@ def run_all(ws: Workspace, args: argparse.Namespace, seed: int, total: Stats, st
             index += 1
             case_seed = seed * 1_000_000 + index
             yield lambda s=case_seed: run_write_case(ws, s, keep=args.keep)
+            if random.Random(case_seed).random() < 0.2:
+                kind = HOSTILE_KINDS[index % len(HOSTILE_KINDS)]
+                yield lambda s=case_seed, k=kind: run_hostile_case(ws, s, k, keep=args.keep)
             for h in range(args.headers_per_case):
                 header_seed = case_seed * 100 + h
                 cli = args.cli_every > 0 and random.Random(-header_seed).random() < 1 / args.cli_every

@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from patcher import _platform as plat
+from patcher import journal as journal_module
 from patcher import splice
 from patcher.errors import HeaderError, RecoveryError, WriteError
 from patcher.header import read_header
@@ -377,13 +378,15 @@ def test_a_journal_without_its_file_is_reported(make_safetensors: MakeSafetensor
 
 def _journal() -> Journal:
     return Journal(
-        strategy=Strategy.INSERT,
+        strategy="insert",
         file_size=123_456,
         dev=2049,
         ino=77,
         insert_len=4096,
         old_prefix=b"\x10" + bytes(7) + b'{"a":1}' + b" " * 9,
-        new_prefix=b"x" * 4120,
+        metadata={"z": "last key first", "format": "pt", "é": "\u2028"},  # order matters: the header is rebuilt
+        new_header_len=4112,
+        new_digest="ef" * 32,
         window=65536,
         data_head="ab" * 32,
         data_tail="cd" * 32,
@@ -391,26 +394,37 @@ def _journal() -> Journal:
 
 
 def test_a_journal_record_round_trips() -> None:
-    assert Journal.decode(_journal().encode()) == _journal()
+    decoded = Journal.decode(_journal().encode())
+    assert decoded == _journal()
+    assert list(decoded.metadata or {}) == list(_journal().metadata or {})
+
+
+def test_a_journal_holds_the_old_prefix_once_and_where_it_says() -> None:
+    """The new prefix is rebuilt from the old table and the metadata: a journal is about one header long."""
+    journal = _journal()
+    blob = journal.encode()
+    start = journal.old_prefix_offset
+    assert blob[start : start + len(journal.old_prefix)] == journal.old_prefix
+    assert len(blob) < len(journal.old_prefix) + 1024
 
 
 def test_every_truncation_and_bit_flip_of_a_journal_is_detected() -> None:
     blob = _journal().encode()
     for cut in range(0, len(blob), 97):
-        with pytest.raises(splice._DamagedJournal):
+        with pytest.raises(journal_module.DamagedJournal):
             Journal.decode(blob[:cut])
     for position in range(0, len(blob), 131):
         flipped = bytearray(blob)
         flipped[position] ^= 0x01
-        with pytest.raises(splice._DamagedJournal):
+        with pytest.raises(journal_module.DamagedJournal):
             Journal.decode(bytes(flipped))
 
 
 def test_a_journal_of_an_unknown_version_is_not_discarded_as_garbage() -> None:
     blob = bytearray(_journal().encode()[:-32])
-    blob[len(b"nunchaku-patch journal\n")] = 2
+    blob[len(b"nunchaku-patch journal\n")] = 3
     body = bytes(blob)
-    with pytest.raises(RecoveryError, match="version 2"):
+    with pytest.raises(RecoveryError, match="version 3"):
         Journal.decode(body + hashlib.sha256(body).digest())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -352,6 +353,32 @@ def test_an_existing_output_is_kept_unless_forced(make_folder: MakeFolder, confi
     assert Path(plan.output).read_bytes() == b"someone else's file"
     assert merge.write_merge(plan, force=True).status == "merged"
     assert merge.write_merge(plan).status == "unchanged"  # already holds exactly this merge
+
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo", "symlink"])
+def test_a_device_fifo_or_link_output_is_never_replaced_even_forced(
+    make_folder: MakeFolder, config_file: Path, kind: str
+) -> None:
+    """Issue 10: `merge --force` replaced a device node (as root, -o /dev/null became a regular file)."""
+    folder = make_folder()
+    plan = merge.plan_merge(folder, planner_for(config_file))
+    out = Path(plan.output)
+    if kind == "chardev":
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("mknod needs root")
+        os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    elif kind == "fifo":
+        os.mkfifo(out)
+    else:
+        target = out.parent / "elsewhere.safetensors"
+        target.write_bytes(b"someone else's file")
+        out.symlink_to(target)
+    before = out.lstat()
+    with pytest.raises(WriteError):
+        merge.write_merge(plan, force=True)
+    after = out.lstat()
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert leftovers(out.parent) == []
 
 
 def test_a_failed_copy_leaves_no_temp_and_no_output(

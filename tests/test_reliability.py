@@ -355,7 +355,7 @@ STRACE_KILLS = [
     (INSERT, "fallocate", 1),  # the journal in place, the file not yet touched
     (INSERT, "pwrite64", 2),  # blocks inserted (a hole before the old prefix), the new prefix not written
     (COPY, "copy_file_range", 1),  # the temp copy has its prefix but no data
-    (COPY, "rename", 2),  # the copy verified and flushed, not yet renamed over the file (rename 1: a journal)
+    (COPY, "rename", 1),  # the copy verified and flushed, not yet renamed over the file (tmpfs: no journal first)
     (OUTPUT, "copy_file_range", 1),
     (OUTPUT, "rename", 1),
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -673,14 +674,6 @@ def test_header_facts_from_inference() -> None:
 ERRORS = [
     # a missing file
     ("missing.json", None, "{path}: config file not found. Check the path"),
-    # JSON with a trailing comma
-    (
-        None,
-        CONFIGS / "trailing-comma.json",
-        "{path}: config is not valid JSON (Expecting property name enclosed in "
-        "double quotes at line 5 column 1). Pass the model's config.json (transformer/config.json; SDXL: unet/; T5:"
-        " text_encoder_2/)",
-    ),
     # a JSON array
     (None, CONFIGS / "not-an-object.json", "{path}: config is not a JSON object (expected an object, got list)"),
     # the pipeline's model_index.json instead of the transformer's config
@@ -701,6 +694,16 @@ def test_config_file_errors(
     path = tmp_path / missing if missing else fixture
     assert path is not None
     assert error_of(ConfigRequest(config_file=path)) == expected.format(path=path)
+
+
+def test_config_file_not_json(cache: Path) -> None:
+    """Our sentence around json's reason and position; their wording is the interpreter's (3.13 changed it)."""
+    path = CONFIGS / "trailing-comma.json"
+    message = error_of(ConfigRequest(config_file=path))
+    prefix = f"{path}: config is not valid JSON ("
+    suffix = "). Pass the model's config.json (transformer/config.json; SDXL: unet/; T5: text_encoder_2/)"
+    assert message.startswith(prefix) and message.endswith(suffix), message
+    assert re.fullmatch(r"\S.* at line \d+ column \d+", message[len(prefix) : -len(suffix)]), message
 
 
 def test_config_file_not_utf8(tmp_path: Path, cache: Path) -> None:

@@ -33,7 +33,11 @@ from .write import WriteMode, apply_plan, check_output_option, read_for_write, w
 )
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
 @config_options
-@write_options(copy="a patched copy", force="Write even when the config or overrides contradict the tensors.")
+@write_options(
+    copy="a patched copy",
+    force="Write even when the config contradicts the tensors; replace an existing -o file; accept a copy that "
+    "cannot keep the owner or group.",
+)
 @click.option("--no-merge", is_flag=True, help="Skip deepcompressor output folders instead of merging them.")
 @output_options
 def command(
@@ -75,7 +79,7 @@ def command(
       nunchaku-patch ~/models/ --check
     """
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode, fields=WRITE_FIELDS, terse=check)
-    mode = WriteMode(dry_run, check, backup, output, follow_symlinks)
+    mode = WriteMode(dry_run, check, backup, output, follow_symlinks, force)
     check_output_option(console, paths, mode)
     require_paths(console, paths)
     planner = make_planner(

@@ -60,7 +60,7 @@ def command(
         console,
         make_edit,
         paths,
-        WriteMode(dry_run, check, backup, output, follow_symlinks),
+        WriteMode(dry_run, check, backup, output, follow_symlinks, force),
         VERBS,
     )
 

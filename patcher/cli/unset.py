@@ -54,7 +54,7 @@ def command(
         console,
         lambda: Edit(unset_keys=tuple(dict.fromkeys(keys)), unset_all=unset_all, force=force),
         paths,
-        WriteMode(dry_run, check, backup, output, follow_symlinks),
+        WriteMode(dry_run, check, backup, output, follow_symlinks, force),
         VERBS,
     )
 

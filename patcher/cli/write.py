@@ -58,6 +58,8 @@ class WriteMode:
     backup: bool = False
     output: str | None = None
     follow_symlinks: bool = False
+    #: Also what the writer allows with ``--force``: replace an existing ``-o`` file, lose a copy's owner or group.
+    force: bool = False
 
     @property
     def writing(self) -> bool:
@@ -162,7 +164,7 @@ def apply_plan(
                 console.data(colour_diff(console, line))
         # The writer's own dry run: opened read-only, the same strategy choice and refusals as a real run.
         result = splice.write_metadata(
-            path, plan.new_metadata, output=output, dry_run=True, follow_symlinks=follow_symlinks
+            path, plan.new_metadata, output=output, dry_run=True, follow_symlinks=follow_symlinks, force=mode.force
         )
         if mode.dry_run:
             console.data(console.style(f"# {layout_line(result)}", bold=True))
@@ -179,6 +181,7 @@ def apply_plan(
         backup=mode.backup,
         follow_symlinks=follow_symlinks,
         expected=None if output is not None else plan.header,
+        force=mode.force,
     )
     if result.recovered:
         console.status(f"recovered {path}: an interrupted patch was {result.recovered}")
@@ -187,7 +190,10 @@ def apply_plan(
     record.details["output"] = result.output
     record.details["backup"] = result.backup
     sizes = f"header {result.old_header_len:,} -> {result.new_header_len:,} bytes"
-    if result.output:
+    if result.output and result.strategy is splice.Strategy.NONE:
+        record.strategy = None
+        console.status(f"{result.output} already holds this copy of {path}; left alone")
+    elif result.output:
         record.status = Status.PATCHED
         what = "a patched copy" if result.changed else "an exact copy (the source is already correct)"
         console.status(f"wrote {result.output}: {what} of {path} ({result.strategy.value}, {sizes})")
@@ -197,7 +203,12 @@ def apply_plan(
         record.strategy = None
     else:
         record.status = Status.PATCHED
-        saved = f", old header saved to {result.backup}" if result.backup else ""
+        saved = ""
+        if result.backup:
+            kept = "earlier backup of its original header kept at" if result.backup_kept else "old header saved to"
+            saved = f", {kept} {result.backup}"
+        if result.lost:
+            console.warning(f"{path}: the rewritten file could not keep its {', '.join(result.lost)} (--force)")
         console.status(f"{verbs.done} {path} ({result.strategy.value}, {sizes}{saved})")
     return record
 
