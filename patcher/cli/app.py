@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "set": ".set",
     "unset": ".unset",
     "models": ".models",
+    "scan": ".scan",
 }
 
 #: What a first word that is no command means: the arguments of ``patch``.

@@ -37,7 +37,10 @@ EDIT_FIELDS = (
 )
 #: Help of the write options of both commands.
 COPY = "an edited copy"
-FORCE = "Write even when the edit makes a Nunchaku loader fail."
+FORCE = (
+    "Write even when the edit makes a Nunchaku loader fail; replace an existing -o file; accept a copy that "
+    "cannot keep the owner or group."
+)
 
 
 def split_set_args(args: Sequence[str]) -> tuple[list[str], list[str]]:

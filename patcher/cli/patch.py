@@ -14,6 +14,7 @@ from ..facts import BLOCKS_FILE, UNQUANTIZED_FILE
 from ..plan import PatchOptions, PatchPlan, Planner
 from ..report import Record, Report, Status
 from .batch import (
+    REMOTE,
     Target,
     collect,
     make_planner,
@@ -21,6 +22,7 @@ from .batch import (
     require_paths,
     run_one,
     summarize,
+    usage_error,
 )
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
@@ -35,8 +37,8 @@ from .write import WriteMode, apply_plan, check_output_option, read_for_write, w
 @config_options
 @write_options(
     copy="a patched copy",
-    force="Write even when the config contradicts the tensors; replace an existing -o file; accept a copy that "
-    "cannot keep the owner or group.",
+    force="Write even when the config or overrides contradict the tensors; replace an existing -o file; "
+    "accept a copy that cannot keep the owner or group.",
 )
 @click.option("--no-merge", is_flag=True, help="Skip deepcompressor output folders instead of merging them.")
 @output_options
@@ -82,6 +84,15 @@ def command(
     mode = WriteMode(dry_run, check, backup, output, follow_symlinks, force)
     check_output_option(console, paths, mode)
     require_paths(console, paths)
+    remote = [p for p in paths if p.startswith(REMOTE)]
+    if remote and output is None:
+        usage_error(
+            console,
+            f"{remote[0]}: a Hub file cannot be patched in place. write a patched copy with -o OUT (a file, or "
+            "an existing folder)",
+        )
+    if remote and output is not None and not os.path.isdir(output) and not remote[0].endswith(".safetensors"):
+        usage_error(console, f"{remote[0]}: names a repo or folder: -o must be an existing folder for its files")
     planner = make_planner(
         console,
         PatchOptions(
@@ -108,7 +119,13 @@ def command(
         if not target.pair and output_key(target.path) in claimed:
             continue
         console.progress(index, len(ordered), target.path)
-        if target.pair:
+        if target.path.startswith(REMOTE):  # a Hub file: the patched copy is streamed to -o (patcher.cli.remote)
+            from .remote import patch_one
+
+            work = functools.partial(
+                patch_one, console, planner, target.path, output=output, writing=writing, force=force
+            )
+        elif target.pair:
             work = functools.partial(
                 _merge_folder, console, planner, target.path, writing, dry_run, force, no_merge, claimed
             )
