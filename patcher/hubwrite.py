@@ -9,7 +9,7 @@ headers (:mod:`patcher.hub`), plan exactly as for a local file (:class:`~patcher
 3. meanwhile the *original* bytes of each source (its old prefix + its data region) are hashed and compared
    with what the Hub reports (the LFS / Xet sha256, or the git blob id of a small file): a mismatch deletes the
    part file and says so;
-4. the result is flushed and checked (header, tensor table, metadata, size, and ``safetensors`` itself), and
+4. the result is flushed and checked (its header re-read by the strict reader, tensor table, metadata, size), and
    only then renamed over the output.
 
 An interrupted run (dropped connection, Ctrl-C, kill) leaves the part file. The same command again finds it (the

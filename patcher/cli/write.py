@@ -58,7 +58,7 @@ class WriteMode:
     backup: bool = False
     output: str | None = None
     follow_symlinks: bool = False
-    #: ``--force``: replace an existing ``-o`` file, accept a copy that cannot keep the owner or group.
+    #: Also what the writer allows with ``--force``: replace an existing ``-o`` file, lose a copy's owner or group.
     force: bool = False
 
     @property
@@ -193,7 +193,7 @@ def apply_plan(
     sizes = f"header {result.old_header_len:,} -> {result.new_header_len:,} bytes"
     if result.output and result.strategy is splice.Strategy.NONE:
         record.strategy = None
-        console.status(f"{result.output} already holds this patched copy of {path}; left alone")
+        console.status(f"{result.output} already holds this copy of {path}; left alone")
     elif result.output:
         record.status = Status.PATCHED
         what = "a patched copy" if result.changed else "an exact copy (the source is already correct)"
@@ -209,7 +209,7 @@ def apply_plan(
             kept = "earlier backup of its original header kept at" if result.backup_kept else "old header saved to"
             saved = f", {kept} {result.backup}"
         if result.lost:
-            console.warning(f"{path}: the patched copy could not keep its {', '.join(result.lost)} (--force)")
+            console.warning(f"{path}: the rewritten file could not keep its {', '.join(result.lost)} (--force)")
         console.status(f"{verbs.done} {path} ({result.strategy.value}, {sizes}{saved})")
     return record
 
