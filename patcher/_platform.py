@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from . import progress
+
 IS_LINUX = sys.platform.startswith("linux")
 IS_WINDOWS = sys.platform == "win32"
 IS_MACOS = sys.platform == "darwin"
@@ -39,6 +41,8 @@ INSERT_RANGE_FILESYSTEMS = frozenset({"ext4", "xfs"})
 COPY_CHUNK = 8 * 1024 * 1024
 #: Largest count handed to one ``copy_file_range`` call (the kernel caps a call near 2 GiB anyway).
 _CFR_MAX = 1 << 30
+#: The same while a progress bar is shown (a redraw every ~0.1 s at disk speed).
+PROGRESS_STEP = 64 * 1024 * 1024
 #: ``ioctl`` numbers of the inode flags (linux/fs.h: ``_IOR('f', 1, long)`` / ``_IOW('f', 2, long)``, 64-bit ABI).
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
@@ -272,14 +276,19 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
 
 
 def copy_data(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
-    """Copy ``length`` bytes between files, kernel-side with ``copy_file_range`` where it works."""
+    """Copy ``length`` bytes between files, kernel-side with ``copy_file_range`` where it works.
+
+    The bytes moved are reported to the active progress bar, if any (:mod:`patcher.progress`).
+    """
+    bar = progress.active()
     use_kernel = hasattr(os, "copy_file_range")
     done = 0
     while done < length:
         count = length - done
         if use_kernel:
             try:
-                moved = os.copy_file_range(src, dst, min(count, _CFR_MAX), src_offset + done, dst_offset + done)
+                step = _CFR_MAX if bar is None else PROGRESS_STEP
+                moved = os.copy_file_range(src, dst, min(count, step), src_offset + done, dst_offset + done)
             except OSError as exc:
                 if exc.errno in _CFR_FALLBACK:
                     use_kernel = False
@@ -293,6 +302,8 @@ def copy_data(src: int, dst: int, src_offset: int, dst_offset: int, length: int)
         if moved <= 0:
             raise OSError(errno.EIO, "the source file ended before its data region did")
         done += moved
+        if bar is not None:
+            bar.advance(moved)
 
 
 def keep_identity(source: os.stat_result, src_fd: int, dst_fd: int) -> list[str]:

@@ -110,6 +110,12 @@ class RecoveryError(WriteError):
     code = "recovery"
 
 
+class HubError(PatchError):
+    """A Hugging Face Hub repo, revision or file could not be read (gated, private, missing, offline, network)."""
+
+    code = "hub"
+
+
 class UsageError(PatchError):
     """The options given do not make sense together."""
 

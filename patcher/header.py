@@ -8,6 +8,7 @@ wrapper that reads the length prefix and the header bytes, never the data region
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -127,6 +128,9 @@ class Header:
     has_metadata_key: bool = False
     #: Where the top-level object starts the ``__metadata__`` entry, if present: first or not.
     metadata_first: bool = True
+    #: Entries the reference reader accepts in a form other readers do not: ``[dtype, shape, data_offsets]``
+    #: or a dtype written ``{"F32": null}``. Read like the usual form; a rewrite writes the usual form.
+    irregular_entries: tuple[str, ...] = ()
 
     @property
     def data_start(self) -> int:
@@ -164,6 +168,14 @@ class Header:
             notes.append(f"duplicate tensor name(s) {names}: the last entry wins")
         if self.has_metadata_key and self.metadata is None:
             notes.append("__metadata__ is null")
+        if self.irregular_entries:
+            names = ", ".join(repr(k) for k in self.irregular_entries[:3])
+            more = f" and {len(self.irregular_entries) - 3} more" if len(self.irregular_entries) > 3 else ""
+            notes.append(
+                f"tensor entr{'ies' if len(self.irregular_entries) > 1 else 'y'} {names}{more} in sequence form "
+                '([dtype, shape, data_offsets]) or with a {"DTYPE": null} dtype: only serde-based readers accept '
+                "that; a patch writes the usual form"
+            )
         return tuple(notes)
 
 
@@ -196,8 +208,14 @@ def _has_lone_surrogate(text: str) -> bool:
 # (1.7976931348623158e308 is out of range for it), so the check below replays it.
 _U64_TENTH, _U64_LAST = divmod(_U64_MAX, 10)
 _I32_MAX = 2**31 - 1
-_POW10 = tuple(float(f"1e{power}") for power in range(309))
-_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([-+]?)([0-9]+))?")
+_POW10_COUNT = 309
+
+
+@functools.cache
+def _serde_tables() -> tuple[re.Pattern[str], tuple[float, ...]]:
+    # Built on first use (a number near f64's maximum is rare): the pattern costs milliseconds to compile.
+    number = re.compile(r"-?(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([-+]?)([0-9]+))?")
+    return number, tuple(float(f"1e{power}") for power in range(_POW10_COUNT))
 
 
 def _take_digits(significand: int, digits: str) -> tuple[int, int]:
@@ -214,7 +232,8 @@ def _take_digits(significand: int, digits: str) -> tuple[int, int]:
 
 def _serde_in_range(text: str) -> bool:
     """Return whether serde_json reads the JSON number ``text`` without a "number out of range" error."""
-    match = _NUMBER.fullmatch(text)
+    number, pow10 = _serde_tables()
+    match = number.fullmatch(text)
     if match is None:  # not a JSON number: the JSON parser has rejected it already
         return False
     whole, fraction, sign, exponent_digits = match.groups()
@@ -240,9 +259,9 @@ def _serde_in_range(text: str) -> bool:
         exponent = max(min(exponent, _I32_MAX), -_I32_MAX - 1)
     if exponent < 0:
         return True  # divisions only shrink the value
-    if exponent >= len(_POW10):
+    if exponent >= _POW10_COUNT:
         return significand == 0
-    return not math.isinf(float(significand) * _POW10[exponent])
+    return not math.isinf(float(significand) * pow10[exponent])
 
 
 def _parse_float(text: str) -> float:
@@ -442,6 +461,21 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
                 got=repr(stripped[:20]),
             )
         raise HeaderError("header is not JSON", path=source, code="invalid-json", got=repr(stripped[:20]))
+    surrogates = bool(_SURROGATE_ESCAPE.search(text))
+    try:
+        scanned = None if surrogates else _scan_plain(text, leading)
+        if scanned is not None:
+            metadata, has_metadata_key, tensors, data_len, end = scanned
+            _check_padding(text[end:], source)
+            if data_len is None:
+                # Offsets that do not tile the data region, a zero-element tensor, or an overflow: the precise
+                # check gives the verdict and the error, as on the decoder path.
+                data_len = _validate_offsets(tensors)
+            return _finish(
+                raw, len(text) - end, leading, file_size, tensors, data_len, metadata, has_metadata_key=has_metadata_key
+            )
+    except _Reject as exc:
+        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
     # Only a -0 number needs the integer hook (serde_json reads it as a float): skip the hook when absent.
     decoder = _DECODER if "-0" in text and _NEGATIVE_ZERO.search(text) else _FAST_DECODER
     try:
@@ -458,7 +492,16 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
         raise HeaderError("header JSON is nested too deeply", path=source, code="invalid-json") from None
     except ValueError as exc:  # an integer with more digits than int() accepts
         raise HeaderError(f"header has a number out of range: {exc}", path=source, code="invalid-json") from None
-    rest = text[end:]
+    _check_padding(text[end:], source)
+    assert type(top) is _Object
+    try:
+        return _validate(top, raw, len(text) - end, leading, file_size, surrogates)
+    except _Reject as exc:
+        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
+
+
+def _check_padding(rest: str, source: str) -> None:
+    """Refuse anything but JSON whitespace after the top-level object."""
     trailing = rest.rstrip(JSON_WHITESPACE)
     if trailing:
         raise HeaderError(
@@ -468,18 +511,95 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
             expected="spaces (0x20) only",
             got=repr(trailing[:12]),
         )
-    padding = len(rest)
-    assert type(top) is _Object
-    try:
-        return _validate(top, raw, padding, leading, file_size, bool(_SURROGATE_ESCAPE.search(text)))
-    except _Reject as exc:
-        raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
+
+
+# The layout every writer produces, matched without building the JSON document: one regular expression per
+# tensor entry, a strict subset of JSON (compact, names without escapes or control characters, an upper-case
+# dtype, integers without sign or leading zeros and at most 20 digits). Anything else goes to the JSON decoder.
+# (A whitespace-tolerant variant costs more to compile at every start than it saves on the rare spaced header.)
+_WS = r"[ \t\n\r]*"
+_UINT = r"(?:0|[1-9][0-9]{0,19})"
+_PLAIN_ENTRY = re.compile(
+    r'"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]{1,16})",'
+    rf'"shape":\[((?:{_UINT},)*{_UINT})?\],"data_offsets":\[({_UINT}),({_UINT})\]\}}([,}}])'
+)
+_PLAIN_METADATA = re.compile(_WS + r"\{" + _WS + f'"{METADATA_KEY}"' + _WS + ":" + _WS)
+_PLAIN_OPEN = re.compile(_WS + r"\{")
+_PLAIN_COMMA = re.compile(_WS + ",")
+
+_Scanned = tuple[dict[str, str] | None, bool, dict[str, TensorInfo], int | None, int]
+
+
+def _scan_plain(text: str, start: int) -> _Scanned | None:
+    """Read a header in the plain layout in one pass; None when it is not plain (the decoder decides then).
+
+    Returns the metadata, whether the key was there, the tensor table, the data length (None when the
+    offsets need the precise check) and where the object ends. The table is built straight from the
+    text, without the decoded document beside it: memory follows the header, time is one match per
+    tensor, and repeated shapes share one tuple.
+    """
+    metadata: dict[str, str] | None = None
+    has_metadata = False
+    found = _PLAIN_METADATA.match(text, start)
+    if found is not None:
+        # __metadata__ first, as the reference writer puts it: its strings may hold any escape, so the JSON
+        # decoder reads just that value.
+        try:
+            value, position = _FAST_DECODER.raw_decode(text, found.end())
+        except (ValueError, _Reject, RecursionError):
+            return None
+        if value is not None and (type(value) is not _Object or not all(type(item) is str for _, item in value)):
+            return None
+        metadata = None if value is None else dict(value)
+        has_metadata = True
+        comma = _PLAIN_COMMA.match(text, position)
+        if comma is None:
+            return None
+        position = comma.end()
+    else:
+        opened = _PLAIN_OPEN.match(text, start)
+        if opened is None:
+            return None
+        position = opened.end()
+    tensors: dict[str, TensorInfo] = {}
+    shapes: dict[str | None, tuple[tuple[int, ...], int]] = {}
+    begins: list[int] = []
+    ends: list[int] = []
+    nbits: list[int] = []
+    count = 0
+    match = _PLAIN_ENTRY.match
+    while True:
+        found = match(text, position)
+        if found is None:
+            return None
+        name, dtype, dims, begin_text, end_text, closing = found.groups()
+        bits = _BITS.get(dtype)
+        if bits is None or name == METADATA_KEY:
+            return None
+        known = shapes.get(dims)
+        if known is None:
+            shape = tuple(map(int, dims.split(","))) if dims else ()
+            if len(shape) > _FAST_MAX_DIMS or (shape and max(shape) > _U64_MAX):
+                return None  # left to the checked loop, which stops at the first overflow
+            known = shapes[dims] = (shape, math.prod(shape))
+        shape, numel = known
+        begin, end = int(begin_text), int(end_text)
+        tensors[name] = _make_info((_DTYPE_NAMES[dtype], shape, (begin, end), ()))
+        begins.append(begin)
+        ends.append(end)
+        nbits.append(numel * bits)
+        count += 1
+        position = found.end()
+        if closing == "}":
+            break
+    if len(tensors) != count:
+        return None  # a duplicate name: the decoder path reports which
+    return metadata, has_metadata, tensors, _fast_extent(nbits, begins, ends), position
 
 
 def _validate(
     top: tuple[tuple[str, Any], ...], raw: bytes, padding: int, leading: int, file_size: int | None, surrogates: bool
 ) -> Header:
-    header_len = len(raw)
     metadata: dict[str, str] | None = None
     metadata_first = True
     names = [name for name, _ in top]
@@ -495,8 +615,9 @@ def _validate(
     # The bulk checks cover the layout every writer produces; anything else gets the precise per-entry checks.
     fast = None if surrogates else _fast_table(entries)
     data_len: int | None = None
+    irregular: dict[str, None] = {}
     if fast is None:
-        tensors = _checked_table(entries, surrogates)
+        tensors = _checked_table(entries, surrogates, irregular)
     else:
         tensors, data_len = fast
     duplicates: tuple[str, ...] = ()
@@ -512,8 +633,39 @@ def _validate(
         if fast is not None:
             # The bulk pass leaves range checks to the offsets check: run the precise entry checks first
             # (they also cover the overridden entries of a duplicate name, which the reader deserializes too).
-            _checked_table(entries, surrogates)
+            _checked_table(entries, surrogates, irregular)
         data_len = _validate_offsets(tensors)
+    return _finish(
+        raw,
+        padding,
+        leading,
+        file_size,
+        tensors,
+        data_len,
+        metadata,
+        has_metadata_key=bool(metadata_count),
+        metadata_first=metadata_first,
+        duplicates=duplicates,
+        irregular=tuple(irregular),
+    )
+
+
+def _finish(
+    raw: bytes,
+    padding: int,
+    leading: int,
+    file_size: int | None,
+    tensors: dict[str, TensorInfo],
+    data_len: int,
+    metadata: dict[str, str] | None,
+    *,
+    has_metadata_key: bool,
+    metadata_first: bool = True,
+    duplicates: tuple[str, ...] = (),
+    irregular: tuple[str, ...] = (),
+) -> Header:
+    """Check the file size against the header and return the :class:`Header`."""
+    header_len = len(raw)
     if file_size is not None:
         expected = PREFIX_SIZE + header_len + data_len
         if file_size != expected:
@@ -533,8 +685,9 @@ def _validate(
         padding=padding,
         leading_whitespace=leading,
         duplicate_keys=duplicates,
-        has_metadata_key=bool(metadata_count),
+        has_metadata_key=has_metadata_key,
         metadata_first=metadata_first,
+        irregular_entries=irregular,
     )
 
 
@@ -543,6 +696,8 @@ _BITS = dict(DTYPE_BITS)
 # the first overflow instead of multiplying out (say) 100,000 dims of 2**64 - 1.
 _FAST_MAX_DIMS = 16
 _make_info = partial(tuple.__new__, TensorInfo)
+#: The one string object of each dtype name: every entry of a table shares it.
+_DTYPE_NAMES = {name: name for name in DTYPE_BITS}
 
 
 def _fast_table(entries: tuple[tuple[str, Any], ...]) -> tuple[dict[str, TensorInfo], int | None] | None:
@@ -619,13 +774,18 @@ def _fast_extent(nbits: list[int], begins: list[int], ends: list[int]) -> int | 
     return max(ends)
 
 
-def _checked_table(entries: tuple[tuple[str, Any], ...], surrogates: bool) -> dict[str, TensorInfo]:
-    """Return the tensor table, raising the precise error for the first bad entry."""
+def _checked_table(
+    entries: tuple[tuple[str, Any], ...], surrogates: bool, irregular: dict[str, None]
+) -> dict[str, TensorInfo]:
+    """Return the tensor table, raising the precise error for the first bad entry.
+
+    Names of entries in an irregular form (sequence, tagged dtype) are added to ``irregular``.
+    """
     tensors: dict[str, TensorInfo] = {}
     for name, value in entries:
         if surrogates and _has_lone_surrogate(name):
             raise _Reject("invalid-json", f"key {name!r} contains a lone surrogate escape")
-        tensors[name] = _validate_entry(name, value, surrogates)
+        tensors[name] = _validate_entry(name, value, surrogates, irregular)
     return tensors
 
 
@@ -649,11 +809,22 @@ def _validate_metadata(value: Any, surrogates: bool) -> dict[str, str] | None:
     return out
 
 
-def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
-    if type(value) is not _Object:
-        raise _Reject("bad-entry", f"tensor {name!r} is not an object", expected="an object", got=_describe(value))
+def _validate_entry(name: str, value: Any, surrogates: bool, irregular: dict[str, None]) -> TensorInfo:
     extra: dict[str, Any] = {}
-    if len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
+    if type(value) is list:
+        # serde deserializes a struct from a sequence of its fields in declaration order, nothing else.
+        if len(value) != len(TENSOR_FIELDS):
+            raise _Reject(
+                "bad-entry",
+                f"tensor {name!r} is a sequence of {len(value)} element(s)",
+                expected="an object, or the sequence [dtype, shape, data_offsets]",
+                got=_SHORT.repr(value),
+            )
+        irregular[name] = None
+        dtype, shape, offsets = value
+    elif type(value) is not _Object:
+        raise _Reject("bad-entry", f"tensor {name!r} is not an object", expected="an object", got=_describe(value))
+    elif len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
         # The layout every writer produces: no duplicate or unknown fields to look at.
         dtype, shape, offsets = value[0][1], value[1][1], value[2][1]
     else:
@@ -676,6 +847,9 @@ def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
             if key not in known:
                 raise _Reject("missing-field", f"tensor {name!r} has no {key!r}")
         dtype, shape, offsets = known["dtype"], known["shape"], known["data_offsets"]
+    if type(dtype) is _Object:
+        dtype = _untagged_dtype(name, dtype)
+        irregular[name] = None
     if type(dtype) is not str:
         raise _Reject("bad-dtype", f"tensor {name!r} dtype is not a string", got=_describe(dtype))
     if dtype not in DTYPE_BITS:
@@ -697,6 +871,26 @@ def _validate_entry(name: str, value: Any, surrogates: bool) -> TensorInfo:
             got=_describe(offsets) if type(offsets) is not list else _SHORT.repr(offsets),
         )
     return TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]), tuple(extra.items()))
+
+
+def _untagged_dtype(name: str, tagged: tuple[tuple[str, Any], ...]) -> str:
+    """Return the dtype of serde's externally tagged form of a unit variant: ``{"F32": null}`` -> ``F32``."""
+    if len(tagged) != 1:
+        raise _Reject(
+            "bad-dtype",
+            f"tensor {name!r} dtype is an object with {len(tagged)} keys",
+            expected='a string, or an object with one key such as {"F32": null}',
+            got=_SHORT.repr(dict(tagged)),
+        )
+    variant, unit = tagged[0]
+    if unit is not None:
+        raise _Reject(
+            "bad-dtype",
+            f"tensor {name!r} dtype {{{variant[:40]!r}: ...}} does not hold null",
+            expected="null",
+            got=_describe(unit),
+        )
+    return variant
 
 
 def _all_usize(values: list[Any]) -> bool:
@@ -774,12 +968,22 @@ def serialize_header(
     Padded at the end with spaces so ``8 + N`` is a multiple of :data:`ALIGNMENT`, or to exactly
     ``length`` bytes when given (a :class:`MetadataError` if it does not fit).
     """
-    obj: dict[str, Any] = {}
+    # The same bytes as json.dumps of the whole object (compact, non-ASCII kept), written entry by entry:
+    # no dict per tensor, and a plain entry is one string format.
+    parts: list[str] = []
     if metadata is not None:
-        obj[METADATA_KEY] = check_metadata(metadata)
+        parts.append(f"{_json_string(METADATA_KEY)}:{_compact_json(check_metadata(metadata))}")
     for name, info in tensors.items():
-        obj[name] = info.to_json_obj()
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if info.extra:
+            parts.append(f"{_json_string(name)}:{_compact_json(info.to_json_obj())}")
+        else:
+            begin, end = info.data_offsets
+            shape = ",".join(map(str, info.shape))
+            parts.append(
+                f'{_json_string(name)}:{{"dtype":{_json_string(info.dtype)},"shape":[{shape}],'
+                f'"data_offsets":[{begin},{end}]}}'
+            )
+    body = ("{" + ",".join(parts) + "}").encode("utf-8")
     if length is None:
         length = len(body) + (-(PREFIX_SIZE + len(body)) % ALIGNMENT)
     if len(body) > length:
@@ -794,6 +998,11 @@ def serialize_header(
             got=f"{length:,}",
         )
     return body + b" " * (length - len(body))
+
+
+#: A JSON string literal, non-ASCII kept (what json.dumps(ensure_ascii=False) writes for a str).
+_json_string = json.encoder.encode_basestring
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def minimal_header_len(metadata: Mapping[str, str] | None, tensors: Mapping[str, TensorInfo]) -> int:

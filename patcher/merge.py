@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -333,7 +333,35 @@ def plan_merge(
             hint="copy the missing file from the conversion's output (or patch a merged file with `nunchaku-patch`)",
         )
     blocks, unquantized = (read_header(p) for p in paths)
-    warnings = [f"{p.name}: {w}" for p, h in zip(paths, (blocks, unquantized), strict=True) for w in h.warnings]
+    return plan_headers(
+        label,
+        (os.fspath(paths[0]), blocks),
+        (os.fspath(paths[1]), unquantized),
+        planner,
+        config_folder=where,
+        folder_name=_folder_name(where),
+        place=lambda name: _output_path(where, name, output),
+    )
+
+
+def plan_headers(
+    label: str,
+    blocks_source: tuple[str, Header],
+    unquantized_source: tuple[str, Header],
+    planner: Planner,
+    *,
+    config_folder: Path | None,
+    folder_name: str,
+    place: Callable[[str], str],
+) -> MergePlan:
+    """Plan a merge from the two headers already read (locally, or from a Hub repo by ``patcher.hubwrite``).
+
+    ``config_folder``: where the folder's own ``config.json`` / ``comfy_config.json`` are looked for;
+    ``place`` maps the default file name to the output path.
+    """
+    (blocks_path, blocks), (unquantized_path, unquantized) = blocks_source, unquantized_source
+    names = [os.path.basename(blocks_path), os.path.basename(unquantized_path)]
+    warnings = [f"{n}: {w}" for n, h in zip(names, (blocks, unquantized), strict=True) for w in h.warnings]
     tensors = merge_tables(blocks, unquantized, folder=label)
     if blocks.data_len % ALIGNMENT:
         warnings.append(
@@ -344,22 +372,22 @@ def plan_merge(
     data_len = blocks.data_len + unquantized.data_len
     raw = serialize_header(existing, tensors)
     merged = parse_header(raw, PREFIX_SIZE + len(raw) + data_len, source=label)
-    folder_planner, used = _folder_planner(where, planner)
+    folder_planner, used = _folder_planner(config_folder, planner) if config_folder is not None else (planner, ())
     patch = folder_planner.plan(label, merged)
     compact = serialize_header(patch.new_metadata, tensors).rstrip(b" ")
     # Spare room up to a 4 KiB boundary, as the copy path of a patch leaves: a later edit is a fit in place.
     header_bytes = jn.padded(compact, _copy_length(len(compact)), label)
-    name = output_name(patch.precision, patch.rank, _model_name(patch, _folder_name(where)))
+    name = output_name(patch.precision, patch.rank, _model_name(patch, folder_name))
     return MergePlan(
         folder=label,
         sources=(
-            MergeSource(os.fspath(paths[0]), blocks, 0),
-            MergeSource(os.fspath(paths[1]), unquantized, blocks.data_len),
+            MergeSource(blocks_path, blocks, 0),
+            MergeSource(unquantized_path, unquantized, blocks.data_len),
         ),
         tensors=tensors,
         patch=patch,
         header_bytes=header_bytes,
-        output=_output_path(where, name, output),
+        output=place(name),
         folder_configs=used,
         warnings=tuple(warnings),
     )
@@ -564,6 +592,7 @@ __all__ = [
     "find_folders",
     "merge_tables",
     "output_name",
+    "plan_headers",
     "plan_merge",
     "write_merge",
 ]

@@ -6,7 +6,6 @@ the config as a dict or its JSON text. The exact strings follow ``nunchaku-contr
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -527,5 +526,7 @@ def diff_metadata(old: Mapping[str, str] | None, new: Mapping[str, str] | None, 
             a, b = [change.old or ""], [change.new or ""]
         from_name = f"a/__metadata__/{change.key}" if change.old is not None else "/dev/null"
         to_name = f"b/__metadata__/{change.key}" if change.new is not None else "/dev/null"
+        import difflib  # dry runs only: the patch path never diffs
+
         lines.extend(difflib.unified_diff(a, b, fromfile=from_name, tofile=to_name, lineterm="", n=context))
     return lines

@@ -18,13 +18,12 @@ rules (:data:`DERIVED`): :func:`find` maps them to the base model and :func:`der
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from .errors import ConfigError
@@ -239,6 +238,12 @@ def normalize_name(name: str) -> str:
 
 def _read_package_text(file_name: str) -> str:
     # Bytes then decode: ``read_text`` would translate newlines, and the text must stay byte for byte.
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), CONFIG_DIR, file_name)
+    if os.path.isfile(beside):  # an ordinary install: no need for importlib.resources (and zipfile) at start-up
+        with open(beside, "rb") as f:
+            return f.read().decode("utf-8")
+    from importlib import resources  # a zipped install
+
     return (resources.files(CONFIG_PACKAGE) / CONFIG_DIR / file_name).read_bytes().decode("utf-8")
 
 
@@ -397,6 +402,8 @@ def lookup(name: str) -> KnownModel:
         return model
     known, by_alias = _registry()
     key = _PUBLISHED_PREFIX.sub("", normalize_name(name))
+    import difflib  # only for the "did you mean" of an unknown name
+
     close = difflib.get_close_matches(key, list(by_alias), n=10, cutoff=0.6)
     suggestions = list(dict.fromkeys(by_alias[alias].name for alias in close))[:3]
     names = ", ".join(m.name for m in known)
@@ -440,6 +447,37 @@ def derived_in_name(text: str) -> str | None:
     """Return :func:`derived_note` for the derivative a file or folder name mentions, or ``None``."""
     mentions = _derived_mentions(normalize_name(text))
     return derived_note(mentions[0][0]) if mentions else None
+
+
+def config_note(model: KnownModel) -> str:
+    """Return which config ships for ``model``: its embedded file, or the model whose config stands in."""
+    if model.embedded_config is not None:
+        return model.embedded_config
+    if model.stand_in is not None:
+        return f"none ({model.stand_in}'s stands in)"
+    return "none"
+
+
+def model_json(model: KnownModel) -> dict[str, Any]:
+    """Return what ``nunchaku-patch models --json`` says of ``model`` (from the registry, nothing hard-coded)."""
+    return {
+        "name": model.name,
+        "aliases": [a for a in model.aliases if a not in (model.name, model.repo_id)],
+        "repo_id": model.repo_id,
+        "repo_file": model.repo_file,
+        "family": model.family.value,
+        "model_class": model.model_class,
+        "embedded_config": model.embedded_config,
+        "stand_in": model.stand_in,
+        "certainty": model.certainty,
+    }
+
+
+def completion_names(incomplete: str = "") -> list[str]:
+    """Return the names ``--model`` accepts that start with ``incomplete`` (case-insensitive): names, then aliases."""
+    prefix = incomplete.lower()
+    names = [m.name for m in all_models()] + [a for m in all_models() for a in m.aliases]
+    return [n for n in dict.fromkeys(names) if n.lower().startswith(prefix)]
 
 
 def embedded_config_text(model: KnownModel) -> str:

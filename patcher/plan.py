@@ -48,12 +48,39 @@ class PatchOptions:
     force: bool = False
 
 
-@dataclass(frozen=True)
-class PatchPlan:
-    """Everything decided for one file before anything is written."""
+@dataclass(frozen=True, kw_only=True)
+class MetadataPlan:
+    """What one file's ``__metadata__`` becomes, decided before anything is written.
+
+    The one value every metadata write hands to the writer (a patch, ``set``, ``unset``): the command line
+    prints it (dry run, ``--check``) or writes it with :func:`patcher.splice.write_metadata`, so every kind of
+    edit gets the same strategies, journal, locks, refusals, backup and ``-o``.
+    """
 
     path: str
     header: Header
+    #: The metadata to write; ``None`` removes the ``__metadata__`` key.
+    new_metadata: dict[str, str] | None
+    changes: list[metadata.MetadataChange]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Return whether writing would change the file's metadata (the presence of the key included)."""
+        same_presence = self.header.has_metadata_key == (self.new_metadata is not None)
+        return not (same_presence and metadata_equal(self.header.metadata, self.new_metadata))
+
+    def diff(self) -> list[str]:
+        """Return the unified diff of the metadata, JSON values pretty-printed with their keys sorted."""
+        lines: list[str] = metadata.diff_metadata(self.header.metadata, self.new_metadata)
+        return lines
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatchPlan(MetadataPlan):
+    """Everything decided for one file before a patch: the metadata and what it was derived from."""
+
+    new_metadata: dict[str, str]
     inference: Inference
     family: Family
     precision: Precision
@@ -61,19 +88,6 @@ class PatchPlan:
     rank: int | None
     config_source: str
     model_name: str | None
-    new_metadata: dict[str, str]
-    changes: list[metadata.MetadataChange]
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        """Return whether writing would change the file's metadata."""
-        return not (self.header.has_metadata_key and metadata_equal(self.header.metadata, self.new_metadata))
-
-    def diff(self) -> list[str]:
-        """Return the unified diff of the metadata, JSON values pretty-printed."""
-        lines: list[str] = metadata.diff_metadata(self.header.metadata, self.new_metadata)
-        return lines
 
 
 class Planner:
@@ -365,4 +379,4 @@ def _read_text(path: str, *, what: str) -> str:
         raise ConfigError(f"cannot read {what}: {exc}", path=path) from None
 
 
-__all__ = ["PatchOptions", "PatchPlan", "Planner", "half_file_fix", "inference_json"]
+__all__ = ["MetadataPlan", "PatchOptions", "PatchPlan", "Planner", "half_file_fix", "inference_json"]

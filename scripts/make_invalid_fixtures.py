@@ -307,6 +307,24 @@ def invalid_cases() -> list[Invalid]:
         Invalid("trailing-data", one(A, 17), "trailing-data", "one byte after the last tensor"),
         Invalid("missing-data", one(A, 15), "missing-data", "the last tensor is one byte short"),
         Invalid("header-only", one(A, 0), "missing-data", "the data region is missing entirely"),
+        Invalid("sequence-too-long", one('"a":["F32",[2,2],[0,16],1]'), "bad-entry", "a 4-element sequence entry"),
+        Invalid("sequence-too-short", one('"a":["F32",[2,2]]'), "bad-entry", "a 2-element sequence entry"),
+        Invalid(
+            "sequence-wrong-order", one('"a":[[2,2],"F32",[0,16]]'), "bad-dtype", "sequence entry not in field order"
+        ),
+        Invalid(
+            "dtype-tagged-value",
+            one(A.replace('"F32"', '{"F32":1}')),
+            "bad-dtype",
+            'a tagged dtype whose value is not null: {"F32":1}',
+        ),
+        Invalid(
+            "dtype-tagged-two-keys",
+            one(A.replace('"F32"', '{"F32":null,"F16":null}')),
+            "bad-dtype",
+            "a tagged dtype with two variants",
+        ),
+        Invalid("dtype-tagged-unknown", one(A.replace('"F32"', '{"f32":null}')), "unknown-dtype", "tagged, lower case"),
     ]
     return cases
 
@@ -435,6 +453,29 @@ def valid_cases() -> list[Valid]:
             16,
         ),
         Valid("unpadded", blob("{" + A + "}", 16, padded=False), "no padding: data region unaligned", 1, 16),
+        Valid(
+            "sequence-entries",
+            one(
+                '"__metadata__":{"format":"pt"},"a":["F32",[2,2],[0,16]],'
+                '"b":[ "U8" , [8] , [16,24] ],"c":[{"F16":null},[4],[24,32]]',
+                32,
+            ),
+            "tensor entries as [dtype, shape, data_offsets] (serde reads a struct from a sequence)",
+            3,
+            32,
+            {"format": "pt"},
+        ),
+        Valid(
+            "dtype-tagged",
+            one(
+                '"a":{"dtype":{"F32":null},"shape":[2,2],"data_offsets":[0,16]},'
+                '"b":{"shape":[4],"dtype":{ "BF16" : null },"data_offsets":[16,24]}',
+                24,
+            ),
+            'dtypes in serde\'s externally tagged form {"F32":null}',
+            2,
+            24,
+        ),
     ]
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +17,12 @@ from safetensors.numpy import save_file
 
 Sha256Range = Callable[..., str]
 MakeSafetensors = Callable[..., Path]
+
+# Started from a background shell (``cmd &``), the test run inherits SIGINT ignored, and so would every patcher it
+# starts: the Ctrl-C tests would then test nothing. A handled signal is reset to the default across exec, so the
+# children get the ordinary Ctrl-C behaviour whatever started pytest.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _sha256_range(path: str | os.PathLike[str], start: int = 0, end: int | None = None) -> str:
@@ -81,3 +89,21 @@ def shm_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A running stand-in Hub (tests/hubserver.py) on 127.0.0.1; no token is sent unless a test passes one."""
+    from hubserver import FakeHub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with FakeHub(lifetime=300) as server:
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server: Any) -> Any:
+    """A :class:`patcher.hub.Hub` client of the stand-in Hub, without a token."""
+    from patcher.hub import Hub
+
+    return Hub(endpoint=hub_server.url, token=False)

@@ -6,6 +6,7 @@ benchmark patched over and over still hold exactly the bytes they were built wit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 #: Every row of the main table, with the write strategy its samples must report (None: not a patch).
 ROWS = {
+    "floor-pass": None,
+    "floor-click": None,
     "cli-insert": "insert",
     "cli-fit": "fit",
     "cli-output": "output",
@@ -39,6 +42,8 @@ ROWS = {
     "cp-sync": None,
     "resave": None,
 }
+#: Rows measured with cold caches inside a warm run, when the page cache can be dropped (root).
+COLD_ROWS = {"cli-insert-cold": "insert", "cp-cold": None}
 QUICK_ROUNDS = 2
 
 pytestmark = pytest.mark.skipif(
@@ -53,6 +58,8 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, 
     base = tmp_path_factory.mktemp("bench")
     out = base / "results.json"
     argv = [sys.executable, str(BENCH), "--quick", "--keep", "--dir", str(base), "--json", str(out)]
+    if importlib.util.find_spec("matplotlib") is not None:  # the optional `bench` extra
+        argv += ["--plot", str(base / "bench.svg")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text(encoding="utf-8"))
@@ -70,8 +77,11 @@ def _positive_summary(summary: dict[str, float]) -> None:
 def test_every_row_has_positive_numbers(quick: tuple[dict[str, Any], str]) -> None:
     results, _ = quick
     rows = {row["id"]: row for row in results["rows"]}
-    assert set(rows) == set(ROWS)
-    for row_id, strategy in ROWS.items():
+    expected = dict(ROWS)
+    if set(COLD_ROWS) & set(rows):
+        expected.update(COLD_ROWS)
+    assert set(rows) == set(expected)
+    for row_id, strategy in expected.items():
         row = rows[row_id]
         assert len(row["samples"]) == QUICK_ROUNDS, row_id
         _positive_summary(row["seconds"])
@@ -87,9 +97,10 @@ def test_every_row_has_positive_numbers(quick: tuple[dict[str, Any], str]) -> No
 def test_scaling_sections_are_complete(quick: tuple[dict[str, Any], str]) -> None:
     results, _ = quick
     counts = [row["tensors"] for row in results["parse_scaling"]]
-    assert counts == [100, 1_000, 2_604, 10_000]
+    assert counts == [100, 1_000, 2_604, 10_000, 20_000]
     for row in results["parse_scaling"]:
         assert 0 < row["best_s"] <= row["median_s"]
+        assert row["plan_best_s"] > 0
         assert row["repeats"] >= 3 and row["header_bytes"] > 0
     sizes = {row["size_gb"]: row for row in results["size_scaling"]}
     assert set(sizes) == {1, 7}
@@ -101,14 +112,34 @@ def test_scaling_sections_are_complete(quick: tuple[dict[str, Any], str]) -> Non
     batch = results["batch"]
     assert batch["files"] > 0 and batch["per_file_s"] > 0
     _positive_summary(batch["seconds"])
+    large = results["large_header"]
+    assert large["tensors"] == 20_000 and large["header_bytes"] > 2 * 10**6
+    _positive_summary(large["seconds"])
+    _positive_summary(large["rss_mib"])
+    point = results["copy_points"]
+    assert point["file_bytes"] > 0
+    _positive_summary(point["cp_s"])
+    _positive_summary(point["resave_s"])
 
 
 def test_targets_carry_measurements(quick: tuple[dict[str, Any], str]) -> None:
     results, _ = quick
-    assert len(results["targets"]) >= 10
+    names = " | ".join(item["target"] for item in results["targets"])
+    for wanted in ('import click"', "batch of", "parse + plan per tensor", "20,000-tensor header", "cp + sync"):
+        assert wanted in names
     for item in results["targets"]:
         assert item["measured"] is not None and item["measured"] > 0, item["target"]
         assert isinstance(item["passed"], bool), item["target"]
+
+
+def test_picture_is_drawn_from_the_run(quick: tuple[dict[str, Any], str]) -> None:
+    pytest.importorskip("matplotlib")
+    results, _ = quick
+    picture = Path(results["config"]["work"]).parent / "bench.svg"
+    text = picture.read_text(encoding="utf-8")
+    assert text.lstrip().startswith(("<?xml", "<svg")) and "</svg>" in text
+    for label in ("nunchaku-patch FILE", "cp FILE COPY", "load all tensors + save_file"):
+        assert label in text
 
 
 def test_markdown_table_lists_every_row(quick: tuple[dict[str, Any], str]) -> None:

@@ -188,6 +188,51 @@ def test_valid_fixture_details() -> None:
     }  # fmt: skip
 
 
+def test_sequence_and_tagged_entries_read_and_normalised_on_write() -> None:
+    # safetensors (serde) reads a tensor entry written as [dtype, shape, data_offsets] and a dtype written as
+    # {"F32": null}; we read them to the same table and write them back in the usual form.
+    sequence = read_header(VALID / "sequence-entries.safetensors")
+    assert sequence.tensors["a"] == TensorInfo("F32", (2, 2), (0, 16))
+    assert sequence.tensors["b"] == TensorInfo("U8", (8,), (16, 24))
+    assert sequence.tensors["c"] == TensorInfo("F16", (4,), (24, 32))
+    assert sequence.irregular_entries == ("a", "b", "c")
+    assert any("sequence form" in note for note in sequence.warnings)
+    tagged = read_header(VALID / "dtype-tagged.safetensors")
+    assert [info.dtype for info in tagged.tensors.values()] == ["F32", "BF16"]
+    assert tagged.irregular_entries == ("a", "b")
+    for header in (sequence, tagged):
+        rewritten = serialize_header(header.metadata, header.tensors)
+        text = rewritten.decode("utf-8")
+        assert "null" not in text and ':["' not in text
+        again = parse_header(rewritten, PREFIX_SIZE + len(rewritten) + header.data_len)
+        assert dict(again.tensors) == dict(header.tensors)
+        assert again.irregular_entries == ()
+
+
+def test_parse_memory_follows_the_header() -> None:
+    # A writer-layout header is read straight into the table, without the decoded JSON document beside it:
+    # the peak stays a small multiple of the header (the document alone took about 10x).
+    import tracemalloc
+
+    from patcher import synth
+
+    table = synth.build_table(synth.preset("flux.1-dev", num_single_layers=38 + 220))
+    tensors = synth.table_to_tensors(dict(list(table.items())[:10_000]))
+    raw = serialize_header({"format": "pt", "config": json.dumps({"a": "\u00e9 \\ \""})}, tensors)
+    file_size = PREFIX_SIZE + len(raw) + synth.data_size(tensors)
+    tracemalloc.start()
+    try:
+        header = parse_header(raw, file_size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(header.tensors) == 10_000
+    assert peak < 7 * len(raw), f"peak {peak:,} bytes for a {len(raw):,}-byte header"
+    # Tensors with the same shape share one tuple.
+    shapes = {id(info.shape) for info in header.tensors.values()}
+    assert len(shapes) < 200
+
+
 def test_real_files_from_the_reference_writer(tmp_path: Path) -> None:
     tensors = {
         "transformer_blocks.0.qkv_proj.qweight": ("I8", [384, 64]),
@@ -219,6 +264,18 @@ def test_serializer_golden_bytes() -> None:
     # Byte for byte what the reference writer produces for the same tensor and metadata.
     reference = save({"w": np.zeros(3, dtype=np.float32)}, metadata={"format": "pt"})
     assert pack_prefix(out) == reference[: PREFIX_SIZE + len(out)]
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in VALID.glob("*.safetensors")))
+def test_serializer_writes_what_json_dumps_writes(name: str) -> None:
+    # Entries are formatted one by one; the bytes must be those of json.dumps on the whole object.
+    header = read_header(VALID / name)
+    metadata = {"format": "pt", "é\n": 'ü "😀" \\', "config": json.dumps({"a": [1, 2]})}
+    for meta in (None, metadata):
+        expected: dict[str, Any] = {} if meta is None else {METADATA_KEY: meta}
+        expected.update((key, info.to_json_obj()) for key, info in header.tensors.items())
+        reference = json.dumps(expected, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        assert serialize_header(meta, header.tensors).rstrip(b" ") == reference
 
 
 def test_serializer_empty() -> None:

@@ -9,7 +9,8 @@ Two generators feed the same assertion, ``accepted_by(parse_file_bytes) == oracl
     correctly rounded) and Python's part ways.
 
 A clean model must be accepted by both, which keeps generator (a) honest. Every case is also parsed
-with the bulk fast path switched off: the precise per-entry checks must give the same table or error.
+with the fast paths switched off (the plain-layout scan, then the bulk table check): the JSON decoder and
+the precise per-entry checks must give the same table or error.
 ``NPATCH_FUZZ_EXAMPLES`` raises the number of examples per property (default 300) for a longer run.
 
 Deliberate differences from the reference reader: none. On every input both accept or both reject.
@@ -75,10 +76,14 @@ def check_agreement(blob: bytes) -> bool:
     ours = accepted_by(parse_file_bytes, blob)
     reference = oracle_accepts(blob)
     assert ours == reference, f"patcher.header {'accepts' if ours else 'rejects'}, safetensors does not"
-    # The bulk fast path is only a shortcut: without it, the precise per-entry checks must say the same.
-    with mock.patch.object(header_module, "_fast_table", return_value=None):
-        precise = outcome(blob)
-    assert outcome(blob) == precise, "the fast path and the precise checks disagree"
+    # The fast paths are only shortcuts: without them (no plain-layout scan, no bulk table check), the JSON
+    # decoder and the precise per-entry checks must say the same.
+    fast = outcome(blob)
+    with mock.patch.object(header_module, "_scan_plain", return_value=None):
+        assert outcome(blob) == fast, "the plain-layout scan and the JSON decoder path disagree"
+        with mock.patch.object(header_module, "_fast_table", return_value=None):
+            precise = outcome(blob)
+    assert fast == precise, "the fast paths and the precise checks disagree"
     return ours
 
 
@@ -95,9 +100,14 @@ class Lit:
 
 @dataclass
 class Obj:
-    """A JSON object as its pairs, so duplicate keys and any order can be written."""
+    """A JSON object as its pairs, so duplicate keys and any order can be written.
+
+    With ``sequence`` set it is written as the array of its values: serde reads a struct (a tensor entry)
+    from a sequence of its fields in declaration order.
+    """
 
     pairs: list[tuple[str, Any]]
+    sequence: bool = False
 
 
 @dataclass
@@ -157,6 +167,8 @@ def render(node: Any, style: Style) -> str:
         return json.dumps(node)
     if isinstance(node, list):
         return "[" + ",".join(style.ws() + render(item, style) + style.ws() for item in node) + "]"
+    if isinstance(node, Obj) and node.sequence:
+        return render([value for _, value in node.pairs], style)
     if isinstance(node, Obj):
         parts = [
             style.ws() + render_string(key, style) + style.ws() + ":" + style.ws() + render(value, style) + style.ws()
@@ -239,17 +251,25 @@ def clean_models(draw: st.DrawFn) -> Model:
         position += size
     tensors: list[tuple[str, Obj]] = []
     for index, (name, dtype, shape) in enumerate(specs):
-        fields: list[tuple[str, Any]] = [("dtype", dtype), ("shape", shape), ("data_offsets", list(offsets[index]))]
-        if draw(st.booleans()):
+        # serde also reads a dtype as an externally tagged unit variant: {"F32": null}.
+        dtype_node: Any = Obj([(dtype, None)]) if draw(st.integers(0, 4)) == 0 else dtype
+        fields: list[tuple[str, Any]] = [
+            ("dtype", dtype_node),
+            ("shape", shape),
+            ("data_offsets", list(offsets[index])),
+        ]
+        # ... and a whole entry as the sequence [dtype, shape, data_offsets] (no room for other fields).
+        sequence = draw(st.integers(0, 4)) == 0
+        if not sequence and draw(st.booleans()):
             fields = draw(st.permutations(fields))
-        for _ in range(draw(st.integers(0, 2))):
+        for _ in range(0 if sequence else draw(st.integers(0, 2))):
             key = draw(st.text(max_size=5).filter(lambda k: k not in ("dtype", "shape", "data_offsets")))
             fields.insert(draw(st.integers(0, len(fields))), (key, draw(json_values)))
         if draw(st.integers(0, 9)) == 0:
             # An earlier entry with the same name is overridden: it only has to be well-typed.
             stale = Obj([("dtype", draw(st.sampled_from(DTYPES))), ("shape", [7]), ("data_offsets", [3, 1])])
             tensors.append((name, stale))
-        tensors.append((name, Obj(fields)))
+        tensors.append((name, Obj(fields, sequence=sequence)))
     metadata_kind = draw(st.sampled_from(["absent", "null", "object"]))
     metadata: Any = ABSENT if metadata_kind == "absent" else None
     if metadata_kind == "object":
@@ -325,6 +345,8 @@ def perturb(draw: st.DrawFn, model: Model) -> str:
                 "garbage",
                 "control",
                 "stale-duplicate",
+                "tagged-dtype",
+                "sequence",
             ]
         )
     )
@@ -411,6 +433,34 @@ def perturb(draw: st.DrawFn, model: Model) -> str:
         name, _ = model.tensors[-1]
         bad = draw(st.sampled_from([[-2, 0], [0], [0, 2**64]]))
         model.tensors.insert(0, (name, Obj([("dtype", "U8"), ("shape", [2]), ("data_offsets", bad)])))
+    elif kind == "tagged-dtype" and entry is not None:
+        good = draw(st.sampled_from(DTYPES))
+        set_field(
+            entry,
+            "dtype",
+            draw(
+                st.sampled_from(
+                    [
+                        Obj([(good, None)]),
+                        Obj([(good, 1)]),
+                        Obj([(good, Obj([]))]),
+                        Obj([(good, [])]),
+                        Obj([(good, "")]),
+                        Obj([]),
+                        Obj([(good, None), (good, None)]),
+                        Obj([(good, None), ("F16", None)]),
+                        Obj([(good.lower(), None)]),
+                        Obj([("F32" + "\ud800", None)]),
+                        Obj([(good, Obj([(good, None)]))]),
+                    ]
+                )
+            ),
+        )
+    elif kind == "sequence" and entry is not None:
+        # Any entry (extra, missing, reordered or duplicate fields included) written as a sequence.
+        entry.sequence = not entry.sequence
+        if draw(st.booleans()):
+            entry.pairs = draw(st.permutations(entry.pairs))
     return kind
 
 

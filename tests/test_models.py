@@ -431,6 +431,62 @@ def test_find_in_name_refuses_two_different_models_of_equal_length() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The listing of `nunchaku-patch models` and the completion of --model
+
+
+def test_model_json_comes_from_the_registry_and_index() -> None:
+    index = json.loads((PACKAGE_CONFIGS / "index.json").read_text())
+    for model in models.all_models():
+        record = models.model_json(model)
+        assert record["name"] == model.name and record["family"] == model.family.value
+        assert record["repo_id"] == model.repo_id and record["model_class"] == MODEL_CLASS[model.family]
+        entry = next(e for e in index.values() if (e["repo_id"], e["file"]) == (model.repo_id, model.repo_file))
+        assert record["certainty"] == entry["certainty"] and record["repo_file"] == entry["file"]
+        assert model.name not in record["aliases"] and model.repo_id not in record["aliases"]
+        assert set(record["aliases"]) == set(model.aliases) - {model.name, model.repo_id}
+    dev = models.model_json(models.lookup("flux.1-dev"))
+    assert dev["embedded_config"] == "flux.1-dev.json" and "flux-dev" in dev["aliases"]
+
+
+def test_config_note_says_what_ships_or_what_stands_in() -> None:
+    assert models.config_note(models.lookup("flux.1-dev")) == "flux.1-dev.json"
+    assert models.config_note(models.lookup("shuttle-jaguar")) == "none (flux.1-schnell's stands in)"
+
+
+def test_completion_offers_names_first_then_aliases_matching_case_insensitively() -> None:
+    every = models.completion_names()
+    names = [m.name for m in models.all_models()]
+
+    assert every[: len(names)] == names
+    assert set(every) == {a for m in models.all_models() for a in m.aliases}
+    assert models.completion_names("FLUX.1-D") == ["flux.1-dev", "flux.1-depth-dev", "flux.1-depth"]
+    assert "black-forest-labs/FLUX.1-dev" in models.completion_names("black-forest-labs/flux.1-d")
+    assert models.completion_names("nothing-like-it") == []
+
+
+def test_completion_and_listing_follow_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = models.KnownModel(
+        name="new-model",
+        repo_id="org/New-Model",
+        repo_file="transformer/config.json",
+        family=Family.SDXL,
+        model_class=MODEL_CLASS[Family.SDXL],
+        aliases=("new-model", "org/New-Model", "newmodel"),
+        embedded_config=None,
+        certainty="test",
+        in_channels=4,
+        guidance_embeds=False,
+        num_layers=None,
+        num_single_layers=None,
+        embedder_width=4,
+    )
+    known = models.all_models()
+    monkeypatch.setattr(models, "all_models", lambda: (*known, extra))
+
+    assert models.completion_names("new") == ["new-model", "newmodel"]
+
+
+# --------------------------------------------------------------------------------------------
 # Issue 15: SDXL, SDXL-Turbo, the T5-XXL encoder, Qwen-Image-Edit, and the derivatives' name rules
 
 NEW_ENTRIES = [

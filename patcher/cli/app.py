@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from .. import __version__
 from ..report import ExitCode
@@ -27,6 +28,10 @@ COMMANDS: dict[str, str] = {
     "inspect": ".inspect",
     "restore": ".restore",
     "merge": ".merge",
+    "set": ".set",
+    "unset": ".unset",
+    "models": ".models",
+    "scan": ".scan",
 }
 
 #: What a first word that is no command means: the arguments of ``patch``.
@@ -46,6 +51,13 @@ class CommandGroup(click.Group):
             module = importlib.import_module(COMMANDS[cmd_name], __package__)
             self.add_command(module.command, cmd_name)
         return self.commands.get(cmd_name)
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        items = super().shell_complete(ctx, incomplete)
+        if incomplete.startswith("-"):
+            return items
+        # `nunchaku-patch PATH...` patches: a file name is as likely as a command name here.
+        return [*items, CompletionItem(incomplete, type="file")]
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.list_commands(ctx) and args[0] not in ("-h", "--help", "--version"):

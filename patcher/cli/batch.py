@@ -32,6 +32,8 @@ DEFAULT_HINTS = {
     "permission": "check the file's permissions",
     "io": "try again; if it keeps failing, check the disk",
 }
+#: Paths starting with this name Hub files (handled by :mod:`patcher.cli.remote`, imported only then).
+REMOTE = "hf://"
 HEADER_HINT = "the file is not valid safetensors (safetensors itself would refuse it): re-download or re-convert it"
 
 
@@ -94,7 +96,18 @@ def collect(
         console.record(report.add(Record(raw, Status.FAILED, error=error)))
 
     for raw in paths:
-        if os.path.isdir(raw):  # a symlink to a folder named on the command line is followed
+        if raw.startswith(REMOTE):  # hf://OWNER/REPO[@REVISION][/PATH]: a Hub file, folder or repo
+            from .remote import expand
+
+            found = []
+            try:
+                if restorable:
+                    fail(raw, PatchError("a Hub file has no backup to restore", path=raw, code="remote"))
+                else:
+                    found = [Target(path, walked=path != raw) for path in expand(raw)]
+            except PatchError as exc:
+                fail(raw, exc)
+        elif os.path.isdir(raw):  # a symlink to a folder named on the command line is followed
             found = walk(raw, restorable, pairs=pairs)
             if not found and restorable:
                 console.status(f"nothing to restore in {raw}: no backup or interrupted patch below it")
@@ -190,6 +203,8 @@ def require_paths(console: Console, paths: Iterable[str]) -> None:
     would otherwise patch ``b.yaml``... and the files after it without the YAML's checks).
     """
     for raw in paths:
+        if raw.startswith(REMOTE):
+            continue  # a Hub path: checked when it is listed or read
         if raw.lower().endswith((".yaml", ".yml")):
             usage_error(
                 console,
@@ -226,6 +241,10 @@ def _held_by_a_writer(path: str) -> bool:
 
 def load_header(path: str) -> Header:
     """Read a header; wait out a patch in progress, and report a header torn by an interrupted one as that."""
+    if path.startswith(REMOTE):
+        from .remote import load_header as load_remote
+
+        return load_remote(path)
     deadline = time.monotonic() + LEASE_WAIT
     while True:
         try:

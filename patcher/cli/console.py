@@ -10,10 +10,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import click
 
+from .. import progress
 from ..report import Record
 
 
@@ -116,6 +118,15 @@ class Console:
         sys.stderr.write(f"\r\x1b[K[{index}/{total}] {name}")
         sys.stderr.flush()
         self._progress_shown = True
+
+    def copying(self, label: str, total: int) -> AbstractContextManager[object]:
+        """Show a byte progress bar (rate, time left) for the data copied inside the block.
+
+        Only on a terminal and without ``-q``; a write that copies nothing (fit, insert) draws nothing.
+        """
+        isatty = getattr(sys.stderr, "isatty", None)
+        self._clear_progress()
+        return progress.showing(label, total, sys.stderr, enabled=not self.quiet and bool(isatty and isatty()))
 
     def _clear_progress(self) -> None:
         if self._progress_shown:

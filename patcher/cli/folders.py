@@ -152,7 +152,8 @@ def merge_one(
     if already_merged(plan, force=force):
         console.status(f"already merged {plan.folder} ({plan.output} holds this merge)")
         return record
-    result = merge.write_merge(plan, force=force)
+    with console.copying(plan.output, sum(source.header.data_len for source in plan.sources)):
+        result = merge.write_merge(plan, force=force)
     if result.status == "unchanged":
         console.status(f"already merged {plan.folder} ({result.output} holds exactly this merge)")
         return record

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 import click
 
@@ -12,23 +14,51 @@ from ..header import Header
 from ..metadata import pretty_value
 from ..plan import inference_json
 from ..report import Record, Report, Status
-from .batch import collect, load_header, require_paths, run_one
+from ..tensors import (
+    diff_headers,
+    dtype_histogram,
+    markdown_report,
+    render_header_diff,
+    tensor_rows,
+    tensor_table,
+)
+from .batch import collect, load_header, require_paths, run_one, usage_error
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, output_options
-from .render import fix_command, size
+from .render import colour_diff, fix_command, size
 
 
 @click.command(
     "inspect", cls=Command, context_settings=CONTEXT_SETTINGS, short_help="Summarize a file's header and metadata."
 )
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
+@click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor: name, dtype, shape, bytes, offset.")
+@click.option("--filter", "patterns", multiple=True, metavar="GLOB", help="Only tensors matching GLOB (repeatable).")
+@click.option("--markdown", is_flag=True, help="Print the summary and the tensor table as Markdown.")
+@click.option("--diff", "compare", is_flag=True, help="Compare two files: metadata, tensors only in one, dtype/shape.")
 @output_options
-def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) -> None:
+def command(
+    paths: tuple[str, ...],
+    list_tensors: bool,
+    patterns: tuple[str, ...],
+    markdown: bool,
+    compare: bool,
+    json_mode: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
     """Summarize each file's header, what the tensors say (with evidence), and its current metadata.
 
+    --tensors (or --filter GLOB) adds the tensor table; --markdown prints it all as Markdown, to
+    paste into an issue; --json records always hold the tensor table. `inspect A B --diff` shows
+    what differs between two files: metadata keys, tensors only in one, dtype or shape changes.
+
     \b
-    Example:
+    Examples:
       nunchaku-patch inspect svdq-int4_r32-flux.1-dev.safetensors
+      nunchaku-patch inspect model.safetensors --filter '*.lora_down'
+      nunchaku-patch inspect model.safetensors --markdown > report.md
+      nunchaku-patch inspect loads.safetensors fails.safetensors --diff
     """
     from ..contract import validate_metadata
     from ..inspect import describe, infer
@@ -36,30 +66,41 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
     console = Console(verbose=verbose, quiet=quiet, json_mode=json_mode)
     require_paths(console, paths)
     report = Report()
+    if compare:
+        _compare(console, report, paths)
     files = [target.path for target in collect(paths, report, console)]
 
     def one(path: str) -> Record:
         header = load_header(path)
         inference = infer(header)
-        if len(report.records) > 0:
-            console.data()
-        console.data(console.style(path, bold=True))
-        for line in header_summary(header):
-            console.data(line)
-        console.data("inferred from the tensors:")
-        for line in describe(inference):
-            console.data(f"  {line}")
+        rows = tensor_rows(header, patterns)
         matches = _known_matches(inference)
-        console.data("known models it matches: " + (", ".join(matches) or "none"))
-        for line in metadata_lines(header):
-            console.data(line)
         verdict = validate_metadata(header.metadata, inference)
         fix = None if verdict.ok or not inference.quantized else fix_command(path, verdict)
-        if fix is None:
-            console.data("needs patching: no (every loader accepts it)" if verdict.ok else "needs patching: no")
+        if len(report.records) > 0:
+            console.data()
+        if markdown:
+            for line in markdown_report(path, header, describe(inference), rows):
+                console.data(line)
         else:
-            failing = ", ".join(k for k, v in verdict.verdicts.items() if not v.ok)
-            console.data(f"needs patching: yes (fails to load in: {failing}); fix: {fix}")
+            console.data(console.style(path, bold=True))
+            for line in header_summary(header):
+                console.data(line)
+            console.data("inferred from the tensors:")
+            for line in describe(inference):
+                console.data(f"  {line}")
+            console.data("known models it matches: " + (", ".join(matches) or "none"))
+            for line in metadata_lines(header):
+                console.data(line)
+            if fix is None:
+                console.data("needs patching: no (every loader accepts it)" if verdict.ok else "needs patching: no")
+            else:
+                failing = ", ".join(k for k, v in verdict.verdicts.items() if not v.ok)
+                console.data(f"needs patching: yes (fails to load in: {failing}); fix: {fix}")
+            if list_tensors or patterns:
+                console.data(f"tensors ({len(rows):,} of {len(header.tensors):,}):")
+                for line in tensor_table(rows):
+                    console.data(f"  {line}")
         histogram = dtype_histogram(header)
         details = {
             "tensors": len(header.tensors),
@@ -76,6 +117,7 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
             "matches": matches,
             "needs_patching": fix is not None,
             "fix": fix,
+            "tensor_table": [row.to_json() for row in rows],
         }
         return Record(path, Status.INSPECTED, details=details)
 
@@ -83,6 +125,23 @@ def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) 
         console.record(report.add(run_one(console, functools.partial(one, path), path)))
     if len(report.records) > 1:
         console.status(report.summary())
+    sys.exit(report.exit_code)
+
+
+def _compare(console: Console, report: Report, paths: Sequence[str]) -> NoReturn:
+    """Print what differs between the two files of ``inspect A B --diff`` and exit (0 whether or not they do)."""
+    if len(paths) != 2:
+        usage_error(console, f"--diff compares exactly two files (got {len(paths)}). name two .safetensors files")
+    first, second = paths
+
+    def differ() -> Record:
+        diff = diff_headers(load_header(first), load_header(second))
+        console.data(console.style(f"# {first} -> {second}", bold=True))
+        for line in render_header_diff(diff, first, second):
+            console.data(colour_diff(console, line))
+        return Record(first, Status.INSPECTED, details={"other": second, "diff": diff.to_json()})
+
+    console.record(report.add(run_one(console, differ, first)))
     sys.exit(report.exit_code)
 
 
@@ -98,17 +157,6 @@ def _known_matches(inference: Inference) -> list[str]:
         facts.family, facts.in_channels, facts.guidance_embeds, facts.num_layers, facts.num_single_layers
     )
     return [model.name for model in fits]
-
-
-def dtype_histogram(header: Header) -> dict[str, tuple[int, int]]:
-    """Return ``{dtype: (tensor count, bytes)}``, largest first."""
-    counts: dict[str, list[int]] = {}
-    for info in header.tensors.values():
-        entry = counts.setdefault(info.dtype, [0, 0])
-        entry[0] += 1
-        entry[1] += info.nbytes
-    ordered = sorted(counts.items(), key=lambda item: (-item[1][1], item[0]))
-    return {name: (count, nbytes) for name, (count, nbytes) in ordered}
 
 
 def header_summary(header: Header) -> list[str]:
@@ -146,4 +194,4 @@ def metadata_lines(header: Header) -> list[str]:
     return lines
 
 
-__all__ = ["command", "dtype_histogram", "header_summary", "metadata_lines"]
+__all__ = ["command", "header_summary", "metadata_lines"]

@@ -16,7 +16,7 @@ from .. import merge
 from ..errors import PatchError
 from ..plan import PatchOptions
 from ..report import Record, Report, Status
-from .batch import make_planner, require_paths, run_one, summarize, usage_error
+from .batch import REMOTE, make_planner, require_paths, run_one, summarize, usage_error
 from .console import Console
 from .folders import merge_one
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
@@ -29,7 +29,7 @@ from .render import WRITE_FIELDS
     context_settings=CONTEXT_SETTINGS,
     short_help="Merge deepcompressor output folders into one file.",
 )
-@click.argument("paths", nargs=-1, required=True, metavar="DIR...")
+@click.argument("paths", nargs=-1, required=True, metavar="DIR...", type=click.Path(file_okay=False))
 @click.option("-o", "--output", metavar="FILE|DIR", help="Output file (one folder), or folder for the default names.")
 @config_options
 @click.option("-n", "--dry-run", is_flag=True, help="Show the planned output, tensors, sizes and metadata keys.")
@@ -87,7 +87,12 @@ def command(
     folders: list[str] = []
     for raw in paths:
         try:
-            found = [os.fspath(f) for f in merge.find_folders([raw])]
+            if raw.startswith(REMOTE):  # Hub repo folders: both halves streamed into one file (patcher.cli.remote)
+                from .remote import find_folders
+
+                found = find_folders(raw)
+            else:
+                found = [os.fspath(f) for f in merge.find_folders([raw])]
         except PatchError as exc:
             console.error(exc.render())
             console.record(report.add(Record(raw, Status.FAILED, error=exc)))
@@ -115,6 +120,12 @@ def command(
         work = functools.partial(
             merge_one, console, planner, folder, output=output, dry_run=dry_run, force=force, claimed=claimed
         )
+        if folder.startswith(REMOTE):
+            from .remote import merge_one as merge_remote
+
+            work = functools.partial(
+                merge_remote, console, planner, folder, output=output, dry_run=dry_run, force=force
+            )
         console.record(report.add(run_one(console, work, folder)))
     summarize(console, report, paths)
     sys.exit(report.exit_code)

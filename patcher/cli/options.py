@@ -68,10 +68,22 @@ class Command(click.Command):
             raise OneLineError(usage_line(exc, where)) from None
 
 
+def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Complete ``--model`` with the known models' names, then their aliases (read from the registry)."""
+    from ..models import completion_names
+
+    return completion_names(incomplete)
+
+
 def config_options(func: F) -> F:
     """Add the options that say where the config comes from and what to write (shared by patch and merge)."""
     options = [
-        click.option("--model", metavar="NAME|REPO_ID", help="Known model name or Hugging Face repo id (flux.1-dev)."),
+        click.option(
+            "--model",
+            metavar="NAME|REPO_ID",
+            help="Known model name or Hugging Face repo id (flux.1-dev; see `nunchaku-patch models`).",
+            shell_complete=_complete_model,
+        ),
         click.option("--model-path", metavar="DIR|REPO_ID", help="Local diffusers folder (or repo id) holding it."),
         click.option(
             "--config", "config_file", metavar="FILE", help="The transformer's config.json (merge: beats the folder's)."

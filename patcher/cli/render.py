@@ -11,6 +11,8 @@ from ..facts import Finding
 from ..header import ALIGNMENT, PREFIX_SIZE
 from ..plan import PatchPlan, inference_json
 from ..splice import WriteResult
+from ..tensors import human_size
+from .console import Console
 
 if TYPE_CHECKING:
     from .. import contract
@@ -82,14 +84,21 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-def size(n: int) -> str:
-    """Return a byte count for people: ``512 B``, ``3.2 MiB``, ``6.7 GiB``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n:,} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError  # unreachable: the loop returns at GiB
+#: A byte count for people: ``512 B``, ``3.2 MiB``, ``6.7 GiB``.
+size = human_size
+
+
+def colour_diff(console: Console, line: str) -> str:
+    """Return a diff line coloured for the terminal (headers bold, additions green, removals red)."""
+    if line.startswith(("+++", "---")):
+        return console.style(line, bold=True)
+    if line.startswith("+"):
+        return console.style(line, fg="green")
+    if line.startswith("-"):
+        return console.style(line, fg="red")
+    if line.startswith("@@"):
+        return console.style(line, fg="cyan")
+    return line
 
 
 def fix_command(path: str, result: contract.Report) -> str:
@@ -110,6 +119,7 @@ __all__ = [
     "RESTORE_FIELDS",
     "VALIDATE_FIELDS",
     "WRITE_FIELDS",
+    "colour_diff",
     "findings_json",
     "fix_command",
     "header_json",

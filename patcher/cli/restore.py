@@ -16,7 +16,7 @@ from .render import RESTORE_FIELDS, header_json
 
 
 @click.command("restore", cls=Command, context_settings=CONTEXT_SETTINGS, short_help="Undo a --backup patch.")
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
 @click.option("--follow-symlinks", is_flag=True, help="Restore the target of a symlink.")
 @output_options
 def command(paths: tuple[str, ...], follow_symlinks: bool, json_mode: bool, verbose: int, quiet: bool) -> None:

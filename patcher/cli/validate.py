@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 @click.command(
     "validate", cls=Command, context_settings=CONTEXT_SETTINGS, short_help="Check files against every loader."
 )
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path())
 @output_options
 def command(paths: tuple[str, ...], json_mode: bool, verbose: int, quiet: bool) -> None:
     """Check that each file's metadata satisfies every Nunchaku / ComfyUI-nunchaku loader.
