@@ -125,7 +125,16 @@ def as_user(uid: int, groups: tuple[int, ...] = ()) -> tuple[str, ...]:
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv is missing")
     extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-    return ("setpriv", f"--reuid={uid}", f"--regid={uid}", extra)
+    prefix = ("setpriv", f"--reuid={uid}", f"--regid={uid}", extra)
+    # An interpreter installed under a folder only root may read (pyenv in /root) cannot start as another user:
+    # its shared libpython is out of reach. That is the machine, not the code under test.
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import patcher"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"user {uid} cannot run {sys.executable}: {probe.stderr.strip()[-200:]}")
+    return prefix
 
 
 @pytest.fixture
