@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
+from .. import progress
 from ..errors import PatchError, UsageError
 from ..header import Header
 from ..report import Record, Status
@@ -96,43 +96,28 @@ def load_header(path: str) -> Header:
 
 
 class ByteProgress:
-    """``[#####-----] 45%  3.1 GiB / 6.8 GiB  85.2 MiB/s  ETA 0:44`` on one line, redrawn at most 10 times a second."""
+    """Feed :func:`patcher.hubwrite.stream_into`'s ``(done, total)`` reports to the shared byte bar.
 
-    WIDTH = 24
+    The bar is :mod:`patcher.progress`'s, as for local copies: drawn only when stderr is a terminal and without
+    ``-q`` (colour settings play no part). A resumed download starts the bar at the bytes already on disk.
+    """
 
     def __init__(self, console: Console, label: str) -> None:
-        self.enabled = not console.quiet and console.color_err
-        self.label = label if len(label) < 40 else "..." + label[-37:]
-        self.start = time.monotonic()
-        self.first: int | None = None
-        self.last_draw = 0.0
-        self.shown = False
+        isatty = getattr(sys.stderr, "isatty", None)
+        self.enabled = not console.quiet and bool(isatty and isatty())
+        self.label = label
+        self.bar: progress.ByteProgress | None = None
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if self.first is None:
-            self.first = done
-        if now - self.last_draw < 0.1 and done < total:
-            return
-        self.last_draw = now
-        share = done / total if total else 1.0
-        filled = int(share * self.WIDTH)
-        rate = (done - self.first) / max(now - self.start, 1e-6)
-        eta = f"ETA {int((total - done) / rate // 60)}:{int((total - done) / rate % 60):02d}" if rate > 0 else ""
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        sys.stderr.write(
-            f"\r\x1b[K{self.label} [{bar}] {share:4.0%}  {size(done)} / {size(total)}  {size(int(rate))}/s  {eta}"
-        )
-        sys.stderr.flush()
-        self.shown = True
+        if self.bar is None:
+            self.bar = progress.ByteProgress(self.label, total, sys.stderr)
+        self.bar.advance(done - self.bar.done)
 
     def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self.shown = False
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------
