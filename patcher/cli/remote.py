@@ -214,13 +214,10 @@ def merge_one(
     record = Record(
         raw, Status.WOULD_PATCH, strategy="merge", details=details, findings=findings_json(plan.patch.findings)
     )
-    if os.path.lexists(plan.output) and not force:
-        raise PatchError(
-            "the output already exists",
-            path=plan.output,
-            code="exists",
-            hint="pass --force to replace it, or choose another name with -o",
-        )
+    # The -o rules of every output, before anything is downloaded (a dry run reports the refusal too).
+    from ..splice import check_output_target
+
+    check_output_target(plan.output, force=force)
     if dry_run:
         console.status(f"would merge {raw} -> {plan.output} ({size(plan.data_len)} to download)")
         return record
