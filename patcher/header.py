@@ -131,6 +131,9 @@ class Header:
     #: Entries the reference reader accepts in a form other readers do not: ``[dtype, shape, data_offsets]``
     #: or a dtype written ``{"F32": null}``. Read like the usual form; a rewrite writes the usual form.
     irregular_entries: tuple[str, ...] = ()
+    #: Where the tensor entries start in :attr:`raw` (a byte offset) when the header is in the writer layout (compact,
+    #: ``__metadata__`` first or absent): they run from there to the closing brace. ``None`` for any other layout.
+    tensors_at: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def data_start(self) -> int:
@@ -465,14 +468,24 @@ def _parse_header(raw: bytes, file_size: int | None, source: str) -> Header:
     try:
         scanned = None if surrogates else _scan_plain(text, leading)
         if scanned is not None:
-            metadata, has_metadata_key, tensors, data_len, end = scanned
+            metadata, has_metadata_key, tensors, data_len, first, end = scanned
             _check_padding(text[end:], source)
             if data_len is None:
                 # Offsets that do not tile the data region, a zero-element tensor, or an overflow: the precise
                 # check gives the verdict and the error, as on the decoder path.
                 data_len = _validate_offsets(tensors)
+            # A character index is a byte index in ASCII; otherwise count the bytes before the first entry.
+            tensors_at = first if raw.isascii() else len(text[:first].encode("utf-8"))
             return _finish(
-                raw, len(text) - end, leading, file_size, tensors, data_len, metadata, has_metadata_key=has_metadata_key
+                raw,
+                len(text) - end,
+                leading,
+                file_size,
+                tensors,
+                data_len,
+                metadata,
+                has_metadata_key=has_metadata_key,
+                tensors_at=tensors_at,
             )
     except _Reject as exc:
         raise HeaderError(exc.message, path=source, code=exc.code, expected=exc.expected, got=exc.got) from None
@@ -527,16 +540,16 @@ _PLAIN_METADATA = re.compile(_WS + r"\{" + _WS + f'"{METADATA_KEY}"' + _WS + ":"
 _PLAIN_OPEN = re.compile(_WS + r"\{")
 _PLAIN_COMMA = re.compile(_WS + ",")
 
-_Scanned = tuple[dict[str, str] | None, bool, dict[str, TensorInfo], int | None, int]
+_Scanned = tuple[dict[str, str] | None, bool, dict[str, TensorInfo], int | None, int, int]
 
 
 def _scan_plain(text: str, start: int) -> _Scanned | None:
     """Read a header in the plain layout in one pass; None when it is not plain (the decoder decides then).
 
     Returns the metadata, whether the key was there, the tensor table, the data length (None when the
-    offsets need the precise check) and where the object ends. The table is built straight from the
-    text, without the decoded document beside it: memory follows the header, time is one match per
-    tensor, and repeated shapes share one tuple.
+    offsets need the precise check), where the first tensor entry starts and where the object ends. The
+    table is built straight from the text, without the decoded document beside it: memory follows the
+    header, time is one match per tensor, and repeated shapes share one tuple.
     """
     metadata: dict[str, str] | None = None
     has_metadata = False
@@ -561,6 +574,7 @@ def _scan_plain(text: str, start: int) -> _Scanned | None:
         if opened is None:
             return None
         position = opened.end()
+    first = position
     tensors: dict[str, TensorInfo] = {}
     shapes: dict[str | None, tuple[tuple[int, ...], int]] = {}
     begins: list[int] = []
@@ -594,7 +608,7 @@ def _scan_plain(text: str, start: int) -> _Scanned | None:
             break
     if len(tensors) != count:
         return None  # a duplicate name: the decoder path reports which
-    return metadata, has_metadata, tensors, _fast_extent(nbits, begins, ends), position
+    return metadata, has_metadata, tensors, _fast_extent(nbits, begins, ends), first, position
 
 
 def _validate(
@@ -663,6 +677,7 @@ def _finish(
     metadata_first: bool = True,
     duplicates: tuple[str, ...] = (),
     irregular: tuple[str, ...] = (),
+    tensors_at: int | None = None,
 ) -> Header:
     """Check the file size against the header and return the :class:`Header`."""
     header_len = len(raw)
@@ -688,6 +703,7 @@ def _finish(
         has_metadata_key=has_metadata_key,
         metadata_first=metadata_first,
         irregular_entries=irregular,
+        tensors_at=tensors_at,
     )
 
 
@@ -957,6 +973,23 @@ def check_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
     return out
 
 
+def reserialize(header: Header, metadata: Mapping[str, str] | None) -> bytes:
+    """Return ``header``'s tensor table under ``metadata``, compact (no padding): :func:`serialize_header`'s bytes.
+
+    A header in the writer layout keeps its tensor entries byte for byte (they are what the serializer writes,
+    and what :func:`shares_tensor_table` recognises); only the ``__metadata__`` entry is written. Any other
+    layout is serialized entry by entry.
+    """
+    at = header.tensors_at
+    if at is None:
+        return serialize_header(metadata, header.tensors).rstrip(b" ")
+    entries = header.raw[at : len(header.raw) - header.padding]  # the entries and the closing brace
+    if metadata is None:
+        return b"{" + entries
+    opening = _METADATA_OPENING + _compact_json(check_metadata(metadata)).encode("utf-8") + b","
+    return opening + entries
+
+
 def serialize_header(
     metadata: Mapping[str, str] | None,
     tensors: Mapping[str, TensorInfo],
@@ -1023,6 +1056,42 @@ def metadata_equal(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> 
 def same_tensors(a: Mapping[str, TensorInfo], b: Mapping[str, TensorInfo]) -> bool:
     """Return whether two tensor tables are identical, order included."""
     return list(a.items()) == list(b.items())
+
+
+_METADATA_OPENING = b"{" + json.dumps(METADATA_KEY).encode() + b":"
+
+
+def shares_tensor_table(old: Header, new_raw: bytes, metadata: Mapping[str, str] | None) -> bool:
+    """Return whether ``new_raw`` is shown, without parsing it, to be ``old``'s tensor table under ``metadata``.
+
+    True when ``new_raw`` is ``{`` + the ``__metadata__`` entry + ``,`` + the very bytes of ``old``'s tensor
+    entries (which the strict reader accepted) + ``}`` + spaces, and that entry decodes to exactly ``metadata``
+    (no ``__metadata__`` entry when it is ``None``). Such a header passes the strict reader with ``old``'s table:
+    the entries are checked one by one and their offsets against each other, never against the metadata. False
+    means only "not shown" (``old`` not in the writer layout, or a different header): parse it then.
+    """
+    at = old.tensors_at
+    if at is None:
+        return False
+    entries = old.raw[at : len(old.raw) - old.padding]  # the tensor entries and the closing brace
+    body = new_raw.rstrip(b" ")
+    if not body.endswith(entries):
+        return False
+    head = body[: len(body) - len(entries)]
+    if metadata is None:
+        return head == b"{"
+    if not (head.startswith(_METADATA_OPENING) and head.endswith(b",")):
+        return False
+    try:
+        pairs = json.loads(head[len(_METADATA_OPENING) : -1], object_pairs_hook=tuple)
+    except ValueError:
+        return False
+    return (
+        type(pairs) is tuple
+        and len(pairs) == len(metadata)
+        and all(type(value) is str for _, value in pairs)
+        and dict(pairs) == dict(metadata)
+    )
 
 
 # --------------------------------------------------------------------------------------------

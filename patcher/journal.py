@@ -38,8 +38,8 @@ from .header import (
     pack_prefix,
     parse_header,
     read_header_fd,
+    reserialize,
     same_tensors,
-    serialize_header,
 )
 
 MAGIC = b"nunchaku-patch journal\n"
@@ -73,7 +73,7 @@ def padded(compact: bytes, length: int, path: str) -> bytes:
 
 def new_header_bytes(metadata: Mapping[str, str] | None, old: Header, length: int, path: str = "") -> bytes:
     """Return the new header a patch writes: ``old``'s tensor table with ``metadata``, padded to ``length``."""
-    return padded(serialize_header(metadata, old.tensors).rstrip(b" "), length, path)
+    return padded(reserialize(old, metadata), length, path)
 
 
 @dataclass(frozen=True)

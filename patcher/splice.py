@@ -43,8 +43,9 @@ from .header import (
     pack_prefix,
     parse_header,
     read_header_fd,
+    reserialize,
     same_tensors,
-    serialize_header,
+    shares_tensor_table,
 )
 from .journal import FINGERPRINT_WINDOW, ROLLBACK_STEPS, Journal, recover
 
@@ -199,7 +200,7 @@ def plan_write(
     if not changed:
         return make(header.raw, Strategy.NONE)
     try:
-        compact = serialize_header(wanted, header.tensors).rstrip(b" ")
+        compact = reserialize(header, wanted)
     except MetadataError as exc:
         raise exc.with_path(name) from None
     if out is not None:
@@ -263,11 +264,13 @@ def plant_journal_for_tests(path: str | os.PathLike[str], old_prefix: bytes, new
 
 
 def _verify(fd: int, path: str, plan: SplicePlan, prints: tuple[str, str] | None) -> None:
-    """Check what was written against the plan, and the planned header with the strict reader.
+    """Check what was written against the plan, and the planned header against the strict reader.
 
     The bytes read back must be the planned prefix, the file the planned size, and the data region where it should
     be (its fingerprints); the planned header must pass the strict reader (which accepts exactly what safetensors
-    accepts) with the old tensor table and the asked metadata. One parse, from memory; numpy is never imported.
+    accepts) with the old tensor table and the asked metadata. For a header in the writer layout that is shown
+    without a parse (:func:`~patcher.header.shares_tensor_table`: the planned tensor entries are the bytes the
+    reader accepted under the lock); any other header is parsed again, from memory. numpy is never imported.
     """
     problems = []
     prefix = plan.new_prefix
@@ -278,6 +281,14 @@ def _verify(fd: int, path: str, plan: SplicePlan, prints: tuple[str, str] | None
         problems.append("the header bytes read back differ from those written")
     elif prints is not None and jn.fingerprint(fd, len(prefix), plan.header.data_len) != prints:
         problems.append("the data region is not where it should be")
+    if not shares_tensor_table(plan.header, plan.new_header_bytes, plan.metadata):
+        _verify_by_parsing(path, plan, problems)
+    if problems:
+        raise WriteError("verification failed: " + "; ".join(problems), path=path, code="verify")
+
+
+def _verify_by_parsing(path: str, plan: SplicePlan, problems: list[str]) -> None:
+    """Parse the planned header with the strict reader; note in ``problems`` how it differs from the plan."""
     try:
         planned = parse_header(plan.new_header_bytes, plan.new_file_size, source=path)
     except HeaderError as exc:
@@ -287,8 +298,6 @@ def _verify(fd: int, path: str, plan: SplicePlan, prints: tuple[str, str] | None
             problems.append("the tensor table changed")
         if not _metadata_matches(planned, plan.metadata):
             problems.append("the metadata differs from what was asked")
-    if problems:
-        raise WriteError("verification failed: " + "; ".join(problems), path=path, code="verify")
 
 
 # --------------------------------------------------------------------------------------------

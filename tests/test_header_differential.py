@@ -84,7 +84,31 @@ def check_agreement(blob: bytes) -> bool:
         with mock.patch.object(header_module, "_fast_table", return_value=None):
             precise = outcome(blob)
     assert fast == precise, "the fast paths and the precise checks disagree"
+    if ours:
+        check_rewrites(blob)
     return ours
+
+
+def check_rewrites(blob: bytes) -> None:
+    """What a patch writes for an accepted file: the same bytes either way, and proven only when it is sound.
+
+    ``reserialize`` (which keeps a writer-layout file's tensor entries byte for byte) must equal the entry by
+    entry serializer; where ``shares_tensor_table`` vouches for the new header without parsing it, the strict
+    reader and safetensors must both accept the patched file, with the old table and the new metadata.
+    """
+    old = parse_file_bytes(blob)
+    for metadata in (None, {}, {"config": '{"a": 1}', "é": "✓"}):
+        compact = header_module.reserialize(old, metadata)
+        assert compact == header_module.serialize_header(metadata, old.tensors).rstrip(b" ")
+        new = compact + b" " * (-(PREFIX_SIZE + len(compact)) % 8)
+        if header_module.shares_tensor_table(old, new, metadata):
+            patched = header_module.pack_prefix(new) + blob[old.data_start :]
+            parsed = parse_file_bytes(patched)
+            assert list(parsed.tensors.items()) == list(old.tensors.items())
+            assert (dict(parsed.metadata) if parsed.metadata is not None else None) == metadata
+            assert oracle_accepts(patched), "a header vouched for without a parse is refused by safetensors"
+        else:
+            assert old.tensors_at is None, "a writer-layout header's own rewrite was not recognised"
 
 
 # --------------------------------------------------------------------------------------------
