@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
 from . import models
+from ._record import dataclass
 from .facts import MODEL_CLASS, Fact, Family, Finding, Inference, Severity
 from .inspect import REQUIRED_UNQUANTIZED, T5_LOADER_GROUP_SIZE
 from .metadata import (

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Final
 
 from . import contract, metadata
+from ._record import dataclass
 from .errors import MetadataError, UsageError
 from .facts import Finding, Severity
 from .header import Header

@@ -19,13 +19,14 @@ import stat
 import struct
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import partial
 from itertools import chain, repeat
 from operator import le, mul, sub
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from ._record import dataclass
 from .errors import HeaderError, MetadataError
 
 #: Size of the little-endian u64 that starts every file (``N_LEN`` in tensor.rs).

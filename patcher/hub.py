@@ -21,10 +21,11 @@ import importlib
 import re
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from . import __version__
+from ._record import dataclass
 from .errors import HubError, UsageError
 from .header import PREFIX_SIZE, Header, pack_prefix, parse_header, parse_length_prefix
 

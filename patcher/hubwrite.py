@@ -26,11 +26,11 @@ import json
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import _platform as plat
+from ._record import dataclass
 from .errors import HubError, LockedError, PatchError, WriteError
 from .header import Header, metadata_equal, read_header_fd, same_tensors
 from .hub import Hub, HubPath, RemoteHeader

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from ._record import dataclass
 from .facts import Fact, Family, Inference, Precision
 from .header import Header, TensorInfo
 from .models import describe_layout

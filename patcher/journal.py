@@ -25,10 +25,10 @@ import json
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from . import _files as files
 from . import _platform as plat
+from ._record import dataclass
 from .errors import HeaderError, MetadataError, PatchError, RecoveryError, WriteError
 from .header import (
     MAX_HEADER_LEN,

@@ -20,7 +20,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +28,7 @@ from . import _files as files
 from . import _platform as plat
 from . import journal as jn
 from . import models
+from ._record import dataclass
 from .errors import HeaderError, PatchError, UsageError, WriteError
 from .facts import BLOCKS_FILE, UNQUANTIZED_FILE, Precision
 from .header import (

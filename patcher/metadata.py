@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from ._record import dataclass
 from .errors import ConfigError, InferenceError, UsageError
 from .facts import CLASS_DEFAULTS, MODEL_CLASS, PRECISIONS, Fact, Family, Inference, Precision
 

@@ -23,9 +23,9 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from ._record import dataclass
 from .errors import ConfigError
 from .facts import CLASS_DEFAULTS, MODEL_CLASS, Family
 

@@ -10,11 +10,12 @@ import json
 import os
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
 from . import contract, metadata, resolve
+from ._record import dataclass
 from .errors import ConfigError, InferenceError, PatchError, UsageError
 from .facts import BLOCKS_FILE, UNQUANTIZED_FILE, Fact, Family, Finding, Inference, Precision, Severity
 from .header import Header, metadata_equal

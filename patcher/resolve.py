@@ -24,12 +24,13 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import models
+from ._record import dataclass
 from .errors import ConfigError, PatchError
 from .facts import Fact, Family, Inference, Precision, config_kind
 from .models import KnownModel

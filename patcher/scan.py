@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from . import contract
+from ._record import dataclass
 from .errors import PatchError
 from .facts import Family, Finding, Inference, Severity
 from .header import Header, read_header

@@ -24,13 +24,13 @@ import dataclasses
 import os
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import Enum
 
 from . import _files as files
 from . import _platform as plat
 from . import journal as jn
 from ._files import FAULT_ENV, backup_path, journal_path
+from ._record import dataclass
 from .backup import restore, save_backup
 from .errors import HeaderError, LinkError, LockedError, MetadataError, PatchError, UsageError, WriteError
 from .header import (

@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ._record import dataclass
 from .errors import UsageError, WriteError
 from .facts import PRECISIONS, Family, Precision
 from .header import DTYPE_BITS, PREFIX_SIZE, Header, TensorInfo, pack_prefix, parse_header, serialize_header

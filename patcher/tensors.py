@@ -9,9 +9,9 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from ._record import dataclass
 from .header import Header, TensorInfo
 from .metadata import MetadataChange, diff_metadata, metadata_changes
 

@@ -10,10 +10,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
 from .. import splice
+from .._record import dataclass
 from ..errors import HeaderError, LockedError, PatchError
 from ..facts import BLOCKS_FILE, UNQUANTIZED_FILE
 from ..header import Header, read_header

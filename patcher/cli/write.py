@@ -12,12 +12,12 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from .. import splice
+from .._record import dataclass
 from ..facts import Finding, Severity
 from ..header import ALIGNMENT, PREFIX_SIZE, Header
 from ..plan import MetadataPlan
@@ -47,6 +47,10 @@ class Verbs:
     done: str = "patched"
     would: str = "would patch"
     same: str = "already correct"
+
+
+#: The verbs of ``patch`` (the default of every function taking ``verbs``).
+PATCH_VERBS = Verbs()
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def write_options(*, copy: str, force: str) -> Callable[[F], F]:
     return add
 
 
-def check_output_option(console: Console, paths: Sequence[str], mode: WriteMode, verbs: Verbs = Verbs()) -> None:
+def check_output_option(console: Console, paths: Sequence[str], mode: WriteMode, verbs: Verbs = PATCH_VERBS) -> None:
     """Exit with a usage error unless ``-o`` comes with exactly one input file and without ``--backup``."""
     if mode.output is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
         got = f"{len(paths)} inputs" if len(paths) != 1 else "a folder"
@@ -148,7 +152,7 @@ def apply_plan(
     plan: MetadataPlan,
     record: Record,
     mode: WriteMode,
-    verbs: Verbs = Verbs(),
+    verbs: Verbs = PATCH_VERBS,
 ) -> Record:
     """Write ``plan`` (or, not ``writing``, show what would be written) and fill in ``record``."""
     path, output, follow_symlinks = plan.path, mode.output, mode.follow_symlinks
