@@ -10,7 +10,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 import stat
 import time
 
@@ -259,7 +258,7 @@ def read_trusted(path: str, owner: os.stat_result, what: str, *, limit: int) -> 
 def create_temp(directory: str, name: str) -> tuple[int, str]:
     """Create and lock ``{directory}/.{name}.npatch-{random}.tmp`` (the lock marks it as in use)."""
     for _ in range(16):
-        path = os.path.join(directory, f"{temp_prefix(name)}{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        path = os.path.join(directory, f"{temp_prefix(name)}{os.urandom(6).hex()}{TEMP_SUFFIX}")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_BINARY | O_NOFOLLOW, 0o600)
         except FileExistsError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from collections.abc import Callable
 from dataclasses import field, fields
 from pathlib import Path
@@ -315,6 +314,8 @@ def half_file_fix(path: str, *, force_note: bool = False) -> str:
     """Return what to do with a file lacking its unquantized layers: merge it with its sibling when it has one."""
     folder = os.path.dirname(path) or "."
     if os.path.isfile(os.path.join(folder, UNQUANTIZED_FILE)) and os.path.basename(path) != UNQUANTIZED_FILE:
+        import shlex  # only this advice quotes a path
+
         return f"merge it with the {UNQUANTIZED_FILE} beside it: nunchaku-patch merge {shlex.quote(folder)}"
     return (
         f"use the whole conversion: deepcompressor writes these layers to {UNQUANTIZED_FILE} beside {BLOCKS_FILE}; "

@@ -19,15 +19,12 @@ step supplied the config, so the caller can cross-check them against the tensors
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import models
 from ._record import dataclass
@@ -182,6 +179,8 @@ PROBE_TIMEOUT = 3.0
 
 def _endpoint() -> tuple[str, int]:
     """Return the Hub's host and port (``HF_ENDPOINT``, default https://huggingface.co)."""
+    from urllib.parse import urlsplit  # only when the network is asked for (as socket and logging below)
+
     parsed = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     return parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
 
@@ -192,6 +191,8 @@ def network_problem() -> str | None:
     huggingface_hub retries a failing download with back-off for a long time, and logs each retry: without a
     network, one quick connection attempt first is the difference between a second and minutes.
     """
+    import socket
+
     host, port = _endpoint()
     try:
         socket.create_connection((host, port), PROBE_TIMEOUT).close()
@@ -429,6 +430,8 @@ def _from_hub(
     if problem is not None:
         say(f"{problem}: not downloading {repo_id}")
         return None
+    import logging
+
     failures = []
     # The library's own warnings (retries, symlink notes) would break our one-line output; errors still raise.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)

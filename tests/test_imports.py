@@ -25,8 +25,19 @@ NOT_ON_THE_PATCH_PATH = (
     "huggingface_hub",
     "patcher.merge",
 )
-#: The same for a whole command-line patch (the post-write check uses the project's reader: no numpy).
-NOT_ON_THE_PATCH_PATH_CLI = (*NOT_ON_THE_PATCH_PATH, "safetensors")
+#: The same for a whole command-line patch (the post-write check uses the project's reader: no numpy), and what
+#: only the network, a long file name, shell completion or a listing of tensors needs.
+NOT_ON_THE_PATCH_PATH_CLI = (
+    *NOT_ON_THE_PATCH_PATH,
+    "safetensors",
+    "logging",
+    "socket",
+    "secrets",
+    "random",
+    "shlex",
+    "click.shell_completion",
+    "patcher.tensors",
+)
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:

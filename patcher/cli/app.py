@@ -12,14 +12,16 @@ import contextlib
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from click.shell_completion import CompletionItem
 
 from .. import __version__
 from ..report import ExitCode
 from .options import CONTEXT_SETTINGS, Command, Interrupted, OneLineError, usage_line
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
 
 #: Command name -> module (relative to this package) whose ``command`` attribute is the click command.
 COMMANDS: dict[str, str] = {
@@ -56,6 +58,8 @@ class CommandGroup(click.Group):
         items = super().shell_complete(ctx, incomplete)
         if incomplete.startswith("-"):
             return items
+        from click.shell_completion import CompletionItem  # only completion needs it
+
         # `nunchaku-patch PATH...` patches: a file name is as likely as a command name here.
         return [*items, CompletionItem(incomplete, type="file")]
 

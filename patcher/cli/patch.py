@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shlex
 import sys
 
 import click
@@ -26,7 +25,7 @@ from .batch import (
 )
 from .console import Console
 from .options import CONTEXT_SETTINGS, Command, config_options, output_options
-from .render import WRITE_FIELDS, findings_json, plan_details
+from .render import WRITE_FIELDS, findings_json, plan_details, quote
 from .write import WriteMode, apply_plan, check_output_option, read_for_write, warn_findings, write_options
 
 
@@ -167,7 +166,7 @@ def _half_error(path: str) -> PatchError:
         path=path,
         code="incomplete-folder",
         hint=(
-            f"merge the folder into one file: nunchaku-patch merge {shlex.quote(folder)}"
+            f"merge the folder into one file: nunchaku-patch merge {quote(folder)}"
             if sibling
             else f"copy {BLOCKS_FILE} from the conversion's output beside it, then run nunchaku-patch merge on it"
         ),
@@ -202,3 +201,4 @@ def _evidence_lines(plan: PatchPlan) -> list[str]:
 
 
 __all__ = ["command"]
+

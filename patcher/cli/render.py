@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,6 @@ from ..facts import Finding
 from ..header import ALIGNMENT, PREFIX_SIZE
 from ..plan import PatchPlan, inference_json
 from ..splice import WriteResult
-from ..tensors import human_size
 from .console import Console
 
 if TYPE_CHECKING:
@@ -84,8 +82,11 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-#: A byte count for people: ``512 B``, ``3.2 MiB``, ``6.7 GiB``.
-size = human_size
+def size(n: int) -> str:
+    """Return a byte count for people: ``512 B``, ``3.2 MiB``, ``6.7 GiB`` (the tensors module's wording)."""
+    from ..tensors import human_size  # not on the patch path, which never prints a size
+
+    return human_size(n)
 
 
 def colour_diff(console: Console, line: str) -> str:
@@ -101,16 +102,23 @@ def colour_diff(console: Console, line: str) -> str:
     return line
 
 
+def quote(text: str) -> str:
+    """Quote ``text`` for a shell command shown to the user (shlex is imported only when one is shown)."""
+    import shlex
+
+    return shlex.quote(text)
+
+
 def fix_command(path: str, result: contract.Report) -> str:
     """Return the command line that fixes ``path`` (or what to do when no command can)."""
     from ..plan import half_file_fix
 
     if result.by_code("missing-unquantized"):
         return half_file_fix(path)
-    quoted = shlex.quote(path)
+    quoted = quote(path)
     if os.path.islink(path):
         # A Hugging Face cache entry links to a shared blob: write a patched copy instead.
-        name = shlex.quote(os.path.basename(path))
+        name = quote(os.path.basename(path))
         return f"nunchaku-patch {quoted} -o {name} (a patched copy here; the link and its blob stay as they are)"
     return f"nunchaku-patch {quoted}"
 
