@@ -545,19 +545,20 @@ REQUIRED_UNQUANTIZED: Mapping[Family, tuple[str, ...]] = {
 }
 
 
-def _holds(tensors: Mapping[str, TensorInfo], module: str) -> bool:
-    """Return whether the table has the tensor ``module`` or any tensor below it (``module.*``)."""
-    if module in tensors or f"{module}.weight" in tensors:  # the common case, without a scan
-        return True
-    below = module + "."
-    return any(name.startswith(below) for name in tensors)
-
-
 def missing_unquantized(family: Family | None, tensors: Mapping[str, TensorInfo]) -> tuple[str, ...]:
-    """Return the family's required unquantized layers (:data:`REQUIRED_UNQUANTIZED`) absent from ``tensors``."""
+    """Return the family's required unquantized layers (:data:`REQUIRED_UNQUANTIZED`) absent from ``tensors``.
+
+    A layer is there when the table has the tensor itself or any tensor below it (``module.*``).
+    """
     if family is None:
         return ()
-    return tuple(module for module in REQUIRED_UNQUANTIZED.get(family, ()) if not _holds(tensors, module))
+    # The common case without a scan: the module or its weight by name. The rest in one pass over the names.
+    unseen = [m for m in REQUIRED_UNQUANTIZED.get(family, ()) if m not in tensors and f"{m}.weight" not in tensors]
+    if unseen:
+        belows = tuple(module + "." for module in unseen)
+        found = {below for name in tensors if name.startswith(belows) for below in belows if name.startswith(below)}
+        unseen = [module for module, below in zip(unseen, belows, strict=True) if below not in found]
+    return tuple(unseen)
 
 
 def _has_unquantized(family: Family | None, tensors: Mapping[str, TensorInfo]) -> bool:
