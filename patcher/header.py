@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import field
 from functools import partial
 from itertools import chain, repeat
-from operator import le, mul, sub
+from operator import itemgetter, le, mul, sub
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -540,6 +540,8 @@ _PLAIN_ENTRY = re.compile(
 _PLAIN_METADATA = re.compile(_WS + r"\{" + _WS + f'"{METADATA_KEY}"' + _WS + ":" + _WS)
 _PLAIN_OPEN = re.compile(_WS + r"\{")
 _PLAIN_COMMA = re.compile(_WS + ",")
+#: The characters of a plain entry besides its six groups: quotes, keys, colons, brackets and the comma.
+_PLAIN_ENTRY_FIXED = len('"":{"dtype":"","shape":[],"data_offsets":[,]}')
 
 _Scanned = tuple[dict[str, str] | None, bool, dict[str, TensorInfo], int | None, int, int]
 
@@ -576,40 +578,46 @@ def _scan_plain(text: str, start: int) -> _Scanned | None:
             return None
         position = opened.end()
     first = position
-    tensors: dict[str, TensorInfo] = {}
-    shapes: dict[str | None, tuple[tuple[int, ...], int]] = {}
-    begins: list[int] = []
-    ends: list[int] = []
-    nbits: list[int] = []
-    count = 0
-    match = _PLAIN_ENTRY.match
-    while True:
-        found = match(text, position)
-        if found is None:
-            return None
-        name, dtype, dims, begin_text, end_text, closing = found.groups()
-        bits = _BITS.get(dtype)
-        if bits is None or name == METADATA_KEY:
-            return None
-        known = shapes.get(dims)
-        if known is None:
-            shape = tuple(map(int, dims.split(","))) if dims else ()
-            if len(shape) > _FAST_MAX_DIMS or (shape and max(shape) > _U64_MAX):
-                return None  # left to the checked loop, which stops at the first overflow
-            known = shapes[dims] = (shape, math.prod(shape))
-        shape, numel = known
-        begin, end = int(begin_text), int(end_text)
-        tensors[name] = _make_info((_DTYPE_NAMES[dtype], shape, (begin, end), ()))
-        begins.append(begin)
-        ends.append(end)
-        nbits.append(numel * bits)
-        count += 1
-        position = found.end()
-        if closing == "}":
-            break
-    if len(tensors) != count:
-        return None  # a duplicate name: the decoder path reports which
-    return metadata, has_metadata, tensors, _fast_extent(nbits, begins, ends), first, position
+    # Every entry at once (one C loop); they must then follow each other with no gap from ``position`` to
+    # the closing brace. findall skips text that does not match, so that is checked by length: the entries
+    # end at ``position`` plus the sum of their lengths only when contiguous; with a gap, the closing brace
+    # of the last one lies past that point, which then is not followed by whitespace alone.
+    rows = _PLAIN_ENTRY.findall(text, position)
+    count = len(rows)
+    if not count:
+        return None
+    closings = list(map(itemgetter(5), rows))
+    if closings[-1] != "}" or closings.count("}") != 1:
+        return None
+    end = position + len("".join(chain.from_iterable(rows))) + count * _PLAIN_ENTRY_FIXED
+    if text[end:].strip(JSON_WHITESPACE):
+        return None  # a gap: not the plain layout, the decoder decides
+    # Columns, then the matches go (their tuples and number strings were the peak of the parse's memory).
+    names = list(map(itemgetter(0), rows))
+    dtypes = list(map(itemgetter(1), rows))
+    dims = list(map(itemgetter(2), rows))
+    begins = list(map(int, map(itemgetter(3), rows)))
+    ends = list(map(int, map(itemgetter(4), rows)))
+    del rows, closings
+    shapes: dict[str, tuple[tuple[int, ...], int]] = {}
+    for text_dims in dict.fromkeys(dims):  # a few hundred distinct shapes: each parsed once, shared
+        shape = tuple(map(int, text_dims.split(","))) if text_dims else ()
+        if len(shape) > _FAST_MAX_DIMS or (shape and max(shape) > _U64_MAX):
+            return None  # left to the checked loop, which stops at the first overflow
+        shapes[text_dims] = (shape, math.prod(shape))
+    known = list(map(shapes.__getitem__, dims))
+    del dims
+    try:
+        nbits = list(map(mul, map(itemgetter(1), known), map(_BITS.__getitem__, dtypes)))
+    except KeyError:
+        return None  # a dtype safetensors does not know: the decoder path says which
+    offsets = zip(begins, ends, strict=True)
+    fields = zip(map(_DTYPE_NAMES.__getitem__, dtypes), map(itemgetter(0), known), offsets, repeat(()))
+    tensors = dict(zip(names, map(_make_info, fields), strict=True))
+    del names, dtypes, known
+    if len(tensors) != count or METADATA_KEY in tensors:
+        return None  # a duplicate name (the decoder path reports which), or the metadata key as a tensor
+    return metadata, has_metadata, tensors, _fast_extent(nbits, begins, ends), first, end
 
 
 def _validate(
