@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -136,12 +137,12 @@ class SplicePlan:
         """Return the padding left at the end of the new header."""
         return len(self.new_header_bytes) - len(self.new_header_bytes.rstrip(b" \t\r\n"))
 
-    @property
+    @functools.cached_property
     def old_prefix(self) -> bytes:
         """Return the first 8 + N bytes of the file as it is."""
         return pack_prefix(self.header.raw)
 
-    @property
+    @functools.cached_property
     def new_prefix(self) -> bytes:
         """Return the first 8 + N' bytes of the file as it will be."""
         return pack_prefix(self.new_header_bytes)
