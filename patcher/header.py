@@ -1092,8 +1092,8 @@ def shares_tensor_table(old: Header, new_raw: bytes, metadata: Mapping[str, str]
     if not (head.startswith(_METADATA_OPENING) and head.endswith(b",")):
         return False
     try:
-        pairs = json.loads(head[len(_METADATA_OPENING) : -1], object_pairs_hook=tuple)
-    except ValueError:
+        pairs = json.loads(head[len(_METADATA_OPENING) : -1].decode("utf-8"), object_pairs_hook=tuple)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
         return False
     return (
         type(pairs) is tuple
