@@ -56,8 +56,6 @@ FOLDER_COMFY_CONFIG = "comfy_config.json"
 FILE_PRECISION: Mapping[Precision, str] = {"int4": "int4", "nvfp4": "fp4"}
 #: Shared names listed in a clash error before "and N more".
 _CLASH_SHOWN = 3
-#: Data copied between two writeback kicks (see :func:`_copy_region`).
-WRITEBACK_CHUNK = 128 * 1024 * 1024
 
 # A published-style prefix on a folder name (``svdq-int4-``, ``svdq-fp4_r128-``), dropped when the folder name
 # stands in for the model name, so the default output does not say the precision twice.
@@ -456,30 +454,6 @@ def _open_sources(plan: MergePlan) -> list[tuple[int, os.stat_result]]:
     return opened
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range out now (and to drop it from the cache once clean).
-
-    On Linux ``POSIX_FADV_DONTNEED`` starts asynchronous writeback of the range's dirty pages. Without it the
-    whole output sits dirty in the page cache until the final fsync, which then waits for all of it: with it
-    the disk writes overlap the copy, and a merge of a 7 GB model does not evict everything else from memory.
-    A hint only: where it is missing or refused, the final fsync does the work.
-    """
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
-        with contextlib.suppress(OSError):
-            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-def _copy_region(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-    """Copy one data region kernel-side, kicking writeback of each chunk once it is copied."""
-    done = 0
-    while done < length:
-        count = min(WRITEBACK_CHUNK, length - done)
-        plat.copy_data(src_fd, dst_fd, src_offset + done, dst_offset + done, count)
-        _start_writeback(dst_fd, dst_offset + done, count)
-        done += count
-
-
 def check_output(plan: MergePlan, *, force: bool = False, follow_symlinks: bool = False) -> bool:
     """Return True when the output already holds exactly this merge; raise WriteError if it exists otherwise.
 
@@ -545,7 +519,7 @@ def write_merge(plan: MergePlan, *, force: bool = False, follow_symlinks: bool =
         plat.pwrite_all(tmp_fd, prefix, 0)
         for index, (source, (src_fd, _)) in enumerate(zip(plan.sources, opened, strict=True)):
             head = source.header
-            _copy_region(src_fd, tmp_fd, head.data_start, len(prefix) + source.shift, head.data_len)
+            plat.copy_data(src_fd, tmp_fd, head.data_start, len(prefix) + source.shift, head.data_len)
             if index == 0:
                 files.fault("data-half")
         files.fault("data-copied")

@@ -404,14 +404,14 @@ def test_misplaced_bytes_fail_verification_and_nothing_is_left(
 ) -> None:
     folder = make_folder()
     plan = merge.plan_merge(folder, planner_for(config_file))
-    copy_region = merge._copy_region
+    copy_data = _platform.copy_data
 
     def corrupting(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-        copy_region(src_fd, dst_fd, src_offset, dst_offset, length)
+        copy_data(src_fd, dst_fd, src_offset, dst_offset, length)
         if dst_offset > plan.data_start:  # the unquantized layers' region
             os.pwrite(dst_fd, bytes(b ^ 0xFF for b in os.pread(dst_fd, 16, dst_offset)), dst_offset)
 
-    monkeypatch.setattr(merge, "_copy_region", corrupting)
+    monkeypatch.setattr(_platform, "copy_data", corrupting)
     with pytest.raises(WriteError) as caught:
         merge.write_merge(plan)
     assert caught.value.code == "verify" and caught.value.path == plan.output

@@ -156,3 +156,38 @@ def test_merge_shows_the_bar_on_a_terminal(tmp_path: Path) -> None:
     synth.write_random(folder / "unquantized_layers.safetensors", synth.table_to_tensors(rest), seed=1)
     err = _run_on_a_terminal(["merge", str(folder), "--model", "flux.1-dev", "--force"], tty=True)
     assert "100% [" in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here: the final fsync does it all")
+@pytest.mark.parametrize("output", [True, False])
+def test_copies_start_writeback_of_each_step_as_they_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bool
+) -> None:
+    """Each step of a copy is handed to writeback once copied, so the disk writes overlap the copy.
+
+    Without it the whole copy sits dirty in the page cache until the final fsync, which then waits for all of it
+    (issue 12: ``-o`` ran at 0.82x of ``cp`` + ``sync``).
+    """
+    monkeypatch.setattr(plat, "COPY_STEP", 1024 * 1024)
+    source = synth.write_random(tmp_path / "m.safetensors", synth.table_to_tensors({"w": ("F32", (1024, 1100))}))
+    data_len = read_header(source).data_len
+    real = os.posix_fadvise
+    kicked: list[tuple[int, int]] = []
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            kicked.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    out = tmp_path / "out.safetensors"
+    if output:
+        write_metadata(source, {"format": "pt"}, output=out)
+    else:
+        write_metadata(source, {"format": "pt"}, strategy=Strategy.COPY)
+    written = read_header(out if output else source)
+    assert written.data_len == data_len
+    assert sorted(kicked) == [
+        (written.data_start + start, min(plat.COPY_STEP, data_len - start))
+        for start in range(0, data_len, plat.COPY_STEP)
+    ]
