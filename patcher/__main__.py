@@ -1,6 +1,6 @@
 """Run the command line as ``python -m patcher``."""
 
-from .cli.app import main
+from .cli.app import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -30,6 +30,7 @@ from patcher.inspect import infer
 SCALE = 0.05
 FIXTURES = Path(__file__).parent / "fixtures"
 SCRIPT = Path(sys.executable).parent / "nunchaku-patch"
+ROOT = Path(__file__).resolve().parent.parent
 #: The conftest fixture that hashes a byte range: sha256_range(path, start=0, end=None).
 Sha256Range = Callable[..., str]
 
@@ -111,6 +112,37 @@ def test_python_dash_m_patcher_cli_runs_too() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"nunchaku-patch, version {__version__}"
 
+
+
+# Reports, as the interpreter shuts down, whether the collector was frozen on the way out, then the exit code.
+_ON_EXIT = """
+import atexit, gc, sys
+from patcher.cli.app import run
+atexit.register(lambda: print("frozen", gc.get_freeze_count() > 0))
+sys.argv = ["nunchaku-patch", *sys.argv[1:]]
+run()
+"""
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["validate", "missing.safetensors"], 2)])
+def test_every_entry_point_runs_main_and_skips_the_final_collection(args: list[str], code: int) -> None:
+    """The console script and ``python -m`` call ``run``: main's exit code, the collector frozen on the way out.
+
+    Freezing spares the interpreter a full collection of every object at exit (7-9 ms of a 60 ms patch).
+    """
+    entry = next(
+        line.split("=", 1)[1].strip()
+        for line in (ROOT / "setup.cfg").read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("nunchaku-patch =")
+    )
+    assert entry == "patcher.cli.app:run"
+    for module in ("patcher/__main__.py", "patcher/cli/__main__.py"):
+        assert "    run()" in (ROOT / module).read_text(encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-c", _ON_EXIT, *args], capture_output=True, text=True, check=False, env=env()
+    )
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "frozen True"
 
 # Runs a command in a fresh interpreter and prints which patcher modules it imported.
 _IMPORTED = """

@@ -1,6 +1,6 @@
 """Run the command line as ``python -m patcher.cli`` (``python -m patcher`` is the documented form)."""
 
-from .app import main
+from .app import run
 
 if __name__ == "__main__":
-    main()
+    run()
