@@ -113,8 +113,7 @@ def test_python_dash_m_patcher_cli_runs_too() -> None:
     assert proc.stdout.strip() == f"nunchaku-patch, version {__version__}"
 
 
-
-# Reports, as the interpreter shuts down, whether the collector was frozen on the way out, then the exit code.
+# Prints, as the interpreter shuts down, whether the collector was frozen on the way out (the exit code is run's own).
 _ON_EXIT = """
 import atexit, gc, sys
 from patcher.cli.app import run
@@ -143,6 +142,7 @@ def test_every_entry_point_runs_main_and_skips_the_final_collection(args: list[s
     )
     assert proc.returncode == code, proc.stderr
     assert proc.stdout.splitlines()[-1] == "frozen True"
+
 
 # Runs a command in a fresh interpreter and prints which patcher modules it imported.
 _IMPORTED = """
